@@ -1,0 +1,255 @@
+"""Run configuration: frozen nested dataclasses loaded from YAML with `section.key=value` overrides.
+
+Every key is validated once, at start: an unknown key, a wrong type or a value outside its allowed
+set raises `ConfigError` naming the dotted key. Each component later receives only its own
+sub-config (`cfg.data`, `cfg.optimizer`, ...), never the whole run config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jaxsft.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which Hugging Face model to fine-tune and how to hold it."""
+
+    path: str = ""  # Hugging Face model directory (config.json, *.safetensors, tokenizer files)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how they become packed rows."""
+
+    train: tuple[str, ...] = ()  # JSONL files of {"prompt", "completion"}
+    eval: tuple[str, ...] = ()  # optional held-out JSONL files
+    seq_len: int = 512
+    overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than seq_len
+    packing_bins: int = 32  # open rows the best-fit packer fills at once
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: how long, how big a batch, how often to log and evaluate."""
+
+    steps: int = 100
+    batch_size: int = 8  # global, in packed rows
+    grad_accum: int = 1  # micro-batches per step; the loss is normalized over all of them
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the start and the end (when data.eval is set)
+    eval_batches: int = 0  # 0: the whole held-out set
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup and a decay schedule, optax throughout."""
+
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global-norm gradient clipping; 0 turns it off
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 fills with the devices the others leave."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in the run directory."""
+
+    every: int = 100
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where the run writes (config, metrics, checkpoints)."""
+
+    dir: str = "runs/default"
+    export: str = ""  # when set, `train` exports a Hugging Face directory here at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run: RunConfig = RunConfig()
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting only where lossless."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, typing.get_args(tp)))}")
+        return value
+    if origin is tuple:  # tuple[str, ...]: accept one string or a list of strings
+        (item_tp, _) = typing.get_args(tp)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a string or a list of strings, got {value!r}")
+        return tuple(_coerce(v, item_tp, key) for v in items)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' has the wrong type: {value!r}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"config key '{key}' must be null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Builds dataclass `cls` from a mapping, naming the dotted key of any mistake."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix or '<top>'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key '{where}{unknown[0]}'; known keys{' in ' + prefix if prefix else ''}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turns `["train.steps=10", "data.train=[a.jsonl,b.jsonl]"]` into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, text = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Loads a YAML config file (or none) and applies dotted overrides; validates every key."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    cfg = _build(Config, _merge(raw, parse_overrides(list(overrides))), "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks relations between keys that types alone cannot."""
+    positive = {"data.seq_len": cfg.data.seq_len, "train.batch_size": cfg.train.batch_size,
+                "train.grad_accum": cfg.train.grad_accum, "checkpoint.keep": cfg.checkpoint.keep,
+                "checkpoint.every": cfg.checkpoint.every, "train.log_every": cfg.train.log_every,
+                "data.packing_bins": cfg.data.packing_bins}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.train.steps < 0:
+        raise ConfigError(f"config key 'train.steps' must be >= 0, got {cfg.train.steps}")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by "
+                          f"'train.grad_accum' ({cfg.train.grad_accum})")
+    for axis in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, axis)
+        if v == 0 or v < -1:
+            raise ConfigError(f"config key 'mesh.{axis}' must be a positive size or -1, got {v}")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("at most one of 'mesh.data', 'mesh.fsdp', 'mesh.tensor' may be -1")
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain YAML-able data (tuples become lists)."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Writes the resolved config as YAML, loadable again with `load_config`."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,138 @@
+"""Device mesh, logical-axis rules, and the shardings of parameters and batches.
+
+Model code names its axes logically (`embed`, `heads`, `mlp`, `vocab`, `batch`, `length`, ...);
+`RULES` is the one table that maps those names to the mesh axes `data`, `fsdp`, `tensor`.
+Changing the parallelism is a config change (`mesh.*`), never a model change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxsft.config import MeshConfig
+from jaxsft.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes it is split over (None: replicated). Parameters are split over fsdp
+# along `embed` (ZeRO-3 style) and over tensor along heads / mlp / vocab (Megatron style);
+# activations are split over data and fsdp along `batch`.
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "embed": ("fsdp",),
+    "act_embed": None,
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "mlp": ("tensor",),
+    "norm": None,
+    "layers": None,
+}
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the `data x fsdp x tensor` mesh; a -1 size takes the devices the others leave."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for axis, v in sizes.items():
+        if v == -1:
+            if len(devices) % fixed:
+                raise ConfigError(f"mesh: {len(devices)} devices cannot be split with the fixed sizes "
+                                  f"{ {k: s for k, s in sizes.items() if s != -1} } ('mesh.{axis}' is -1)")
+            sizes[axis] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ConfigError(f"mesh: mesh.data x mesh.fsdp x mesh.tensor = {sizes['data']} x {sizes['fsdp']} x "
+                          f"{sizes['tensor']} = {math.prod(sizes.values())}, but there are {len(devices)} devices")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001 - fake CPU devices have no physical topology to optimize for
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec for an array with these logical axes; a mesh axis that does not divide the
+    dimension (or is already used by an earlier dimension) is dropped, so the array is replicated
+    along it rather than failing."""
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        mesh_axes = RULES.get(name) if name is not None else None
+        if name is not None and name not in RULES:
+            raise KeyError(f"logical axis '{name}' has no rule in jaxsft.parallel.RULES")
+        kept = []
+        for ax in mesh_axes or ():
+            size = mesh.shape[ax]
+            if ax not in used and size > 1 and dim % (size * math.prod(mesh.shape[k] for k in kept)) == 0:
+                kept.append(ax)
+        used.update(kept)
+        spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return P(*spec)
+
+
+def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """NamedSharding for an array with these logical axes."""
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def param_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree of `nnx.Variable`s carrying `axes` metadata (a pure-dict tree results)."""
+    from flax import nnx
+
+    def one(var):
+        axes = var.get_metadata().get("axes")
+        if axes is None:
+            raise KeyError(f"parameter of shape {var.value.shape} has no logical axes")
+        return logical_sharding(axes, var.value.shape, mesh)
+
+    shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a `[batch, length]` array of the batch contract."""
+    return NamedSharding(mesh, P(RULES["batch"], None))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split."""
+    return math.prod(mesh.shape[a] for a in RULES["batch"])
+
+
+# The mesh that `constrain` uses while a step is traced; None outside (then `constrain` is a no-op).
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("jaxsft_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+    """Within this block, `constrain` pins activations to the mesh by their logical axes."""
+    token = _ACTIVE_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE_MESH.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical axis names (model code calls this)."""
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_sharding(axes, x.shape, mesh))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles the global batch from each process's local rows (batch contract arrays)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

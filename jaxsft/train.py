@@ -1,0 +1,214 @@
+"""Training: the train state, the one jitted sharded step, and the loop.
+
+The train state is a plain dict `{"params", "opt_state", "step"}` of (sharded) arrays. The step
+sums the masked cross entropy and its gradient over micro-batches, divides once by the number of
+trained tokens in the whole global batch, and applies AdamW (clipped, scheduled).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from transformers import AutoTokenizer
+
+from jaxsft import parallel
+from jaxsft.checkpoint import Checkpointer
+from jaxsft.config import Config, OptimizerConfig, dump_config
+from jaxsft.data.pipeline import eval_batches, train_dataset
+from jaxsft.errors import ConfigError, ModelError
+from jaxsft.loss import cross_entropy_sums
+from jaxsft.models import from_pretrained
+from jaxsft.monitor import MetricsLog, info
+
+# Small files of a Hugging Face directory that the run keeps a copy of, so export never needs the source.
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+                 "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW with linear warmup then the configured decay, and global-norm clipping."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    end = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup]) if warmup else decay
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"])
+    return loss_sum, (n, correct)
+
+
+def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings):
+    """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed."""
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+
+    def step(state, batch):
+        with parallel.activation_sharding(mesh):
+            params = state["params"]
+            if grad_accum == 1:
+                (loss_sum, (n, correct)), grads = grad_fn(params, batch)
+            else:
+                # Micro-batch a takes rows a, a+A, a+2A, ...: every device holds a share of each.
+                def split(x):
+                    b = x.shape[0] // grad_accum
+                    return x.reshape(b, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+                micro = {k: split(v) for k, v in batch.items()}
+
+                def body(acc, mb):
+                    mb = {k: parallel.constrain(v, ("batch", "length")) for k, v in mb.items()}
+                    (s, (n_, c_)), g = grad_fn(params, mb)
+                    return jax.tree.map(jnp.add, acc, (s, n_, c_, g)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                init = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros)
+                (loss_sum, n, correct, grads), _ = jax.lax.scan(body, init, micro)
+            denom = jnp.maximum(n, 1.0)
+            grads = jax.tree.map(lambda g: g / denom, grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                         "step": state["step"] + 1}
+            metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "trained_tokens": n,
+                       "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+            return new_state, metrics
+
+    return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(graphdef, mesh, params_shardings):
+    """The jitted `(params, batch) -> (loss_sum, trained_tokens)`."""
+    def step(params, batch):
+        with parallel.activation_sharding(mesh):
+            loss_sum, (n, _) = loss_sums(graphdef, params, batch)
+            return loss_sum, n
+    return jax.jit(step, in_shardings=(params_shardings, parallel.batch_sharding(mesh)))
+
+
+def evaluate(eval_step, params, batches: list[dict], mesh) -> float:
+    """Completion loss over the held-out batches (sum over trained tokens / their count)."""
+    total, count = 0.0, 0.0
+    for local in batches:
+        s, n = eval_step(params, parallel.global_batch(local, mesh))
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def load_tokenizer(path: str):
+    """The model directory's tokenizer, with a clear error when it has none."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"{path}: could not load the tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    if jax.process_index() != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    hf_copy = run_dir / "hf"
+    hf_copy.mkdir(exist_ok=True)
+    for name in HF_SIDE_FILES:
+        src = Path(cfg.model.path) / name
+        if src.is_file():
+            shutil.copy2(src, hf_copy / name)
+
+
+def train(cfg: Config, devices: list | None = None) -> dict:
+    """Runs (or resumes) the training run described by `cfg`; returns the last logged metrics."""
+    run_dir = Path(cfg.run.dir)
+    if not cfg.model.path:
+        raise ConfigError("config key 'model.path' is not set (a Hugging Face model directory)")
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    dp = parallel.data_parallel_size(mesh)
+    if cfg.train.batch_size % (dp * cfg.train.grad_accum):
+        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
+                          f"data-parallel size mesh.data x mesh.fsdp ({dp}) times train.grad_accum "
+                          f"({cfg.train.grad_accum})")
+    if cfg.train.batch_size % jax.process_count():
+        raise ConfigError(f"config key 'train.batch_size' must be divisible by the process count {jax.process_count()}")
+    local_batch = cfg.train.batch_size // jax.process_count()
+    tokenizer = load_tokenizer(cfg.model.path)
+
+    model = from_pretrained(cfg.model.path, cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
+                            remat=cfg.model.remat, mesh=mesh)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+
+    dataset = train_dataset(cfg.data, tokenizer, seed=cfg.train.seed, local_batch=local_batch,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(dataset)
+    _prepare_run_dir(cfg, run_dir)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, data_iter = ckpt.restore(start, state, data_iter)
+        info(f"resumed from {run_dir / 'checkpoints' / str(start)}")
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start)
+    info(f"jaxsft: {n_params:,} parameters | mesh {dict(mesh.shape)} | global batch {cfg.train.batch_size} x "
+         f"{cfg.data.seq_len} | steps {start}->{cfg.train.steps} | run dir {run_dir}")
+
+    step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings)
+    eval_data = eval_fn = None
+    if cfg.data.eval:
+        eval_data = eval_batches(cfg.data, tokenizer, local_batch=local_batch, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), max_batches=cfg.train.eval_batches)
+        eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"])
+        if start == 0:
+            log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data, mesh)})
+
+    last: dict = {}
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    t0, steps_since = time.perf_counter(), 0
+    for step in range(start, cfg.train.steps):
+        local = next(data_iter)
+        state, metrics = step_fn(state, parallel.global_batch(local, mesh))
+        steps_since += 1
+        done = step + 1
+        is_last = done == cfg.train.steps
+        record = None
+        if done % cfg.train.log_every == 0 or is_last:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - t0
+            record = {"step": done, "total_steps": cfg.train.steps, **metrics,
+                      "trained_tokens": int(metrics["trained_tokens"]),
+                      "tokens_per_s": tokens_per_step * steps_since / elapsed, "step_s": elapsed / steps_since}
+        if eval_fn is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last):
+            record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data, mesh)}
+        if record is not None:
+            log.write(record)
+            last = record
+            t0, steps_since = time.perf_counter(), 0
+        if done % cfg.checkpoint.every == 0 or is_last:
+            ckpt.save(done, state, data_iter)
+    ckpt.close()
+    if cfg.run.export:
+        from jaxsft.export import export
+
+        export(run_dir, cfg.run.export)
+    return last
+
