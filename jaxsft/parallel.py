@@ -91,13 +91,25 @@ def param_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     from flax import nnx
 
     def one(var):
-        axes = var.get_metadata().get("axes")
+        axes, shape = var.get_metadata().get("axes"), var.get_value().shape
         if axes is None:
-            raise KeyError(f"parameter of shape {var.value.shape} has no logical axes")
-        return logical_sharding(axes, var.value.shape, mesh)
+            raise KeyError(f"parameter of shape {shape} has no logical axes")
+        return logical_sharding(axes, shape, mesh)
 
     shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Places every array not already sharded on `mesh` (scalars such as step counters) replicated on it."""
+    replicated = NamedSharding(mesh, P())
+
+    def one(x):
+        if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(one, tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

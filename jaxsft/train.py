@@ -88,7 +88,7 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardin
             new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                          "step": state["step"] + 1}
             metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "trained_tokens": n,
-                       "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+                       "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
             return new_state, metrics
 
     return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
@@ -156,6 +156,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     params = nnx.to_pure_dict(params)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
     state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+    state = parallel.on_mesh(state, mesh)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     n_params = sum(x.size for x in jax.tree.leaves(params))
 

@@ -1,0 +1,77 @@
+"""The NNX decoder against Hugging Face PyTorch: logits parity, packed rows, remat."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import jax.numpy as jnp
+
+from jaxsft.errors import ModelError
+from jaxsft.models import from_pretrained
+
+
+def hf_logits(model_dir, tokens: np.ndarray) -> np.ndarray:
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied"])
+def test_logits_match_hugging_face(fixture, request):
+    model_dir = request.getfixturevalue(fixture)
+    tokens = np.random.RandomState(0).randint(0, 512, size=(3, 37))
+    ours = np.asarray(from_pretrained(model_dir, jnp.float32)(jnp.asarray(tokens)))
+    ref = hf_logits(model_dir, tokens)
+    assert ours.shape == ref.shape == (3, 37, 512)
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_packed_row_equals_each_example_alone(tiny_llama):
+    model = from_pretrained(tiny_llama, jnp.float32)
+    rng = np.random.RandomState(1)
+    lengths = [9, 14, 6]
+    examples = [rng.randint(5, 512, size=n) for n in lengths]
+    row_len = 32
+    tokens = np.zeros((1, row_len), np.int32)
+    segment_ids = np.zeros((1, row_len), np.int32)
+    positions = np.zeros((1, row_len), np.int32)
+    start = 0
+    for seg, ex in enumerate(examples, start=1):
+        tokens[0, start:start + len(ex)] = ex
+        segment_ids[0, start:start + len(ex)] = seg
+        positions[0, start:start + len(ex)] = np.arange(len(ex))
+        start += len(ex)
+    packed = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids)))
+    start = 0
+    for ex in examples:
+        alone = np.asarray(model(jnp.asarray(ex[None])))
+        assert np.abs(packed[0, start:start + len(ex)] - alone[0]).max() <= 1e-5
+        ref = hf_logits(tiny_llama, ex[None])
+        assert np.abs(alone - ref).max() <= 1e-4
+        start += len(ex)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_does_not_change_logits(tiny_llama, remat):
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 512, size=(2, 16)))
+    base = np.asarray(from_pretrained(tiny_llama)(tokens))
+    other = np.asarray(from_pretrained(tiny_llama, remat=remat)(tokens))
+    np.testing.assert_allclose(other, base, atol=1e-6)
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_llama, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_llama / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelError, match="pickle"):
+        from_pretrained(tmp_path)
+
+
+def test_unsupported_model_type_lists_supported(tiny_llama, tmp_path):
+    import json
+
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="supported: llama"):
+        from_pretrained(tmp_path)

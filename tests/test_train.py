@@ -1,0 +1,63 @@
+"""The train step under different meshes and batch splits gives the same losses."""
+
+import json
+
+import jax
+import pytest
+
+from conftest import DEMO_EVAL, DEMO_TRAIN
+from jaxsft.config import load_config
+from jaxsft.errors import ConfigError
+from jaxsft.train import train
+
+
+def run(tmp_path, model_dir, name, devices, *overrides):
+    cfg = load_config(None, [
+        f"model.path={model_dir}", f"data.train={DEMO_TRAIN}", "data.seq_len=128", "train.steps=3",
+        "train.batch_size=8", "train.log_every=1", "optimizer.lr=1e-3", "optimizer.warmup_steps=1",
+        "checkpoint.every=100", f"run.dir={tmp_path / name}", *overrides])
+    train(cfg, devices=devices)
+    lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if "loss" in x]
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(tmp_path_factory, tiny_llama):
+    losses = run(tmp_path_factory.mktemp("one"), tiny_llama, "one", jax.devices()[:1], "mesh.fsdp=1")
+    assert len(losses) == 3 and losses[2] < losses[0]
+    return losses
+
+
+@pytest.mark.parametrize("mesh", [
+    ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"],
+    ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
+])
+def test_eight_devices_match_one(tmp_path, tiny_llama, single_device_losses, mesh):
+    assert len(jax.devices()) == 8
+    losses = run(tmp_path, tiny_llama, "eight", jax.devices(), *mesh)
+    for a, b in zip(losses, single_device_losses):
+        assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_grad_accumulation_matches_one_batch(tmp_path, tiny_llama, single_device_losses):
+    losses = run(tmp_path, tiny_llama, "accum", jax.devices()[:1], "mesh.fsdp=1", "train.grad_accum=4")
+    for a, b in zip(losses, single_device_losses):
+        assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_eval_loss_logged_at_start_and_end(tmp_path, tiny_llama):
+    run(tmp_path, tiny_llama, "eval", jax.devices()[:1], "mesh.fsdp=1", f"data.eval={DEMO_EVAL}",
+        "train.eval_batches=2")
+    lines = [json.loads(x) for x in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(x["step"], x["eval_loss"]) for x in lines if "eval_loss" in x]
+    assert [s for s, _ in evals] == [0, 3]
+    assert evals[1][1] < evals[0][1]
+    for x in lines:
+        if "loss" in x:
+            assert {"step", "loss", "trained_tokens", "tokens_per_s"} <= set(x)
+            assert x["trained_tokens"] > 0 and x["tokens_per_s"] > 0
+
+
+def test_batch_not_divisible_by_data_parallel_size(tmp_path, tiny_llama):
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        run(tmp_path, tiny_llama, "bad", jax.devices(), "mesh.data=8", "mesh.fsdp=1", "train.batch_size=4")
