@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+from absl import logging as absl_logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -36,7 +37,13 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=not read_only, read_only=read_only,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        verbosity = absl_logging.get_verbosity()
+        if read_only:  # Orbax warns that a read-only manager will not save: that is the point here
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_logging.set_verbosity(verbosity)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsft.config import MeshConfig
 from jaxsft.errors import ConfigError
@@ -54,11 +54,9 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         raise ConfigError(f"mesh: mesh.data x mesh.fsdp x mesh.tensor = {sizes['data']} x {sizes['fsdp']} x "
                           f"{sizes['tensor']} = {math.prod(sizes.values())}, but there are {len(devices)} devices")
     shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # noqa: BLE001 - fake CPU devices have no physical topology to optimize for
-        device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES)
+    # jax.make_mesh orders devices by the physical topology (ICI rings on TPU, NVLink on GPU).
+    # Auto axes: shardings propagate through the step (GSPMD), pinned only where we constrain them.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:

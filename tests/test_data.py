@@ -326,6 +326,11 @@ def test_shuffled_epochs_cover_every_record(chat_tok, tmp_path):
         assert sorted(epoch) == sorted(r["prompt"] for r in records)
     assert epochs[0] != [r["prompt"] for r in records]  # shuffled at all
     assert len({tuple(e) for e in epochs}) > 1  # reshuffled across epochs
+    # the record order follows the seed (not only the packer's bin order)
+    other = _examples(JsonlSource(cfg.train), Renderer(chat_tok), cfg, 0, 1, seed=1, repeat=True)
+    assert [_prompt_of(chat_tok, other[i]) for i in range(10)] != epochs[0]
+    again = _examples(JsonlSource(cfg.train), Renderer(chat_tok), cfg, 0, 1, seed=0, repeat=True)
+    assert [_prompt_of(chat_tok, again[i]) for i in range(30)] == prompts
 
 
 # --- JsonlSource errors ------------------------------------------------------------------------

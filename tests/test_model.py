@@ -75,3 +75,27 @@ def test_unsupported_model_type_lists_supported(tiny_llama, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="supported: llama"):
         from_pretrained(tmp_path)
+
+
+def test_sharded_safetensors_with_index(tiny_llama, tmp_path):
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    tokens = np.random.RandomState(3).randint(0, 512, size=(1, 12))
+    ours = np.asarray(from_pretrained(tmp_path)(jnp.asarray(tokens)))
+    assert np.abs(ours - hf_logits(tiny_llama, tokens)).max() <= 1e-4
+
+
+def test_sharded_load_places_parameters_on_the_mesh(tiny_llama):
+    import jax
+
+    from jaxsft.config import MeshConfig
+    from jaxsft.parallel import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    model = from_pretrained(tiny_llama, mesh=mesh)
+    q = model.model.layers.self_attn.q_proj.kernel[...]  # [L, D, N, H]: embed over fsdp, heads over tensor
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    tokens = np.random.RandomState(4).randint(0, 512, size=(2, 10))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - hf_logits(tiny_llama, tokens)).max() <= 1e-4

@@ -9,6 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 # torch is pinned to the CPU build in the test extra (an unpinned torch pulls a multi-GB CUDA build).
-.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v -E "^WARNING: Location|BuildBackendWarning|^\s*$" || true
+log=$(mktemp)
+.venv/bin/python -m pip install -q -e ".[test]" >"$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; exit 1; }
+rm -f "$log"
 .venv/bin/python -c "import jaxsft, jax, flax, grain, orbax.checkpoint, transformers, torch" \
   || { echo "setup: the install is incomplete" >&2; exit 1; }

@@ -51,7 +51,7 @@ class Renderer:
             eos_at = [i for i in range(len(prompt_ids), len(ids)) if ids[i] == self.eos_id]
             if eos_at:
                 for i in range(eos_at[-1] + 1, len(ids)):
-                    pass
+                    mask[i] = 0
         else:
             prompt_ids = self._encode(prompt, special=True)
             completion_ids = self._encode(completion, special=False) + [self.eos_id]
