@@ -35,12 +35,12 @@ class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig | None = None, *, read_only: bool = False):
         cfg = cfg or CheckpointConfig()
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=not read_only, read_only=read_only,
-                                               enable_async_checkpointing=True)
         verbosity = absl_logging.get_verbosity()
         if read_only:  # Orbax warns that a read-only manager will not save: that is the point here
             absl_logging.set_verbosity(absl_logging.ERROR)
         try:
+            options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=not read_only, read_only=read_only,
+                                                   enable_async_checkpointing=True)
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         finally:
             absl_logging.set_verbosity(verbosity)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from jaxsft.config import load_config
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -30,9 +32,9 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(a.export_dir)
     model = AutoModelForCausalLM.from_pretrained(a.export_dir, dtype=torch.float32).eval()
-    cfg_eval = Path("configs/demo_data/eval.jsonl")
-    held_out = [json.loads(x) for x in cfg_eval.read_text().splitlines()[: a.examples]]
-    valid = exact = 0
+    eval_file = Path(load_config(a.run_dir / "config.yaml").data.eval[0])
+    held_out = [json.loads(x) for x in eval_file.read_text().splitlines()[: a.examples]]
+    valid = exact = fields_right = fields_total = 0
     for i, rec in enumerate(held_out):
         ids = tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
@@ -40,15 +42,20 @@ def main() -> int:
             out = model.generate(**ids, max_new_tokens=80, do_sample=False, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)
         text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        reference = json.loads(rec["completion"])
+        fields_total += len(reference)
         try:
-            valid += 1
-            exact += json.loads(text) == json.loads(rec["completion"])
+            answer = json.loads(text)
         except json.JSONDecodeError:
-            valid -= 1
+            answer = None
+        if isinstance(answer, dict):
+            valid += 1
+            exact += answer == reference
+            fields_right += sum(answer.get(k) == v for k, v in reference.items())
         if i < 3:
             print(f"\nprompt:    {rec['prompt'].splitlines()[-1]}\ngenerated: {text}\nreference: {rec['completion']}")
     print(f"\nexport {a.export_dir} loads in transformers; on {len(held_out)} held-out prompts: "
-          f"{valid} valid JSON, {exact} exact matches")
+          f"{valid} valid JSON objects, {exact} exact matches, {fields_right}/{fields_total} fields right")
     return 0
 
 

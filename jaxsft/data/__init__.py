@@ -1,0 +1,1 @@
+"""The data path: sources (records) -> render (tokens + trained-token mask) -> pack (batch contract) -> pipeline (Grain)."""
