@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -42,21 +43,27 @@ def resolve_source(source: str | Path) -> tuple[Path, int]:
                       f"directory (RUN_DIR/checkpoints/STEP)")
 
 
+def load_checkpoint(source: str | Path) -> tuple[Path, dict, Any, Any]:
+    """`(run_dir, hf_config, args, params)` of a run directory's newest checkpoint or one checkpoint,
+    with only the parameters read (onto this process's first device)."""
+    run_dir, step = resolve_source(source)
+    cfg = load_config(run_dir / "config.yaml")
+    hf_config = json.loads((run_dir / "hf" / "config.json").read_text())
+    args = args_from_hf_config(hf_config, param_dtype=DTYPES[cfg.model.param_dtype])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = nnx.to_pure_dict(nnx.state(abstract_model(args)))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    params = Checkpointer(run_dir / "checkpoints", read_only=True).restore_params(step, abstract)
+    return run_dir, hf_config, args, params
+
+
 def export(source: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Writes the Hugging Face directory `out` from a run directory or checkpoint; returns `out`."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise JaxsftError(f"export output {out} already exists and is not empty; choose a new directory")
-    run_dir, step = resolve_source(source)
-    cfg = load_config(run_dir / "config.yaml")
+    run_dir, hf_config, args, params = load_checkpoint(source)
     hf_files = run_dir / "hf"
-    hf_config = json.loads((hf_files / "config.json").read_text())
-    args = args_from_hf_config(hf_config, param_dtype=DTYPES[cfg.model.param_dtype])
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = nnx.to_pure_dict(nnx.state(abstract_model(args)))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    params = Checkpointer(run_dir / "checkpoints", read_only=True).restore_params(step, abstract)
 
     if jax.process_index() != 0:
         return out

@@ -104,11 +104,11 @@ def make_eval_step(graphdef, mesh, params_shardings):
     return jax.jit(step, in_shardings=(params_shardings, parallel.batch_sharding(mesh)))
 
 
-def evaluate(eval_step, params, batches: list[dict], mesh) -> float:
-    """Completion loss over the held-out batches (sum over trained tokens / their count)."""
+def evaluate(eval_step, params, batches: list[dict]) -> float:
+    """Completion loss over the held-out (global, on-device) batches: sum over trained tokens / their count."""
     total, count = 0.0, 0.0
-    for local in batches:
-        s, n = eval_step(params, parallel.global_batch(local, mesh))
+    for batch in batches:
+        s, n = eval_step(params, batch)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
@@ -176,11 +176,13 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings)
     eval_data = eval_fn = None
     if cfg.data.eval:
-        eval_data = eval_batches(cfg.data, tokenizer, local_batch=local_batch, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), max_batches=cfg.train.eval_batches)
+        # Put on the devices once: the same held-out batches serve every evaluation.
+        eval_data = [parallel.global_batch(b, mesh) for b in eval_batches(
+            cfg.data, tokenizer, local_batch=local_batch, process_index=jax.process_index(),
+            process_count=jax.process_count(), max_batches=cfg.train.eval_batches)]
         eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"])
         if start == 0:
-            log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data, mesh)})
+            log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data)})
 
     last: dict = {}
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -199,7 +201,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                       "trained_tokens": int(metrics["trained_tokens"]),
                       "tokens_per_s": tokens_per_step * steps_since / elapsed, "step_s": elapsed / steps_since}
         if eval_fn is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last):
-            record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data, mesh)}
+            record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data)}
         if record is not None:
             log.write(record)
             last = record

@@ -12,13 +12,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from conftest import DEMO_EVAL, DEMO_TRAIN, ROOT
-from jaxsft.checkpoint import Checkpointer
-from jaxsft.models import abstract_model, args_from_hf_config, read_hf_config
+from jaxsft.export import load_checkpoint
+from jaxsft.models import abstract_model
 
 STEPS = 12
 
@@ -79,12 +78,8 @@ def test_kill_resume_export_load(tmp_path, tiny_llama):
         hf_logits = hf(torch.tensor(tokens)).logits.numpy()
 
     # jaxsft's logits from the checkpoint itself (not from the export).
-    args = args_from_hf_config(read_hf_config(tiny_llama))
-    graphdef, state = nnx.split(abstract_model(args))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
-    params = Checkpointer(run_dir / "checkpoints", read_only=True).restore_params(STEPS, abstract)
-    ours = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens)))
+    _, _, args, params = load_checkpoint(run_dir / "checkpoints" / str(STEPS))
+    ours = np.asarray(nnx.merge(nnx.graphdef(abstract_model(args)), params)(jnp.asarray(tokens)))
     assert np.abs(ours - hf_logits).max() <= 1e-4
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     with torch.no_grad():
