@@ -1,5 +1,11 @@
 """The NNX decoder against Hugging Face PyTorch: logits parity, packed rows, remat."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import jax.numpy as jnp
 
+from conftest import ROOT
 from jaxsft.errors import ModelError
 from jaxsft.models import from_pretrained
 
@@ -68,13 +75,36 @@ def test_pickle_only_checkpoint_is_refused(tiny_llama, tmp_path):
 
 
 def test_unsupported_model_type_lists_supported(tiny_llama, tmp_path):
-    import json
-
     cfg = json.loads((tiny_llama / "config.json").read_text())
     cfg["model_type"] = "bert"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="supported: llama"):
+    with pytest.raises(ModelError, match="supported: gemma, gemma2, gemma3_text, llama, mistral, qwen2, qwen3"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("mistake", ["pickle_weights", "model_type"])
+def test_cli_refuses_with_one_paragraph(tiny_llama, tmp_path, mistake):
+    """`jaxsft train` on a pickle-only checkpoint or an unsupported family: exit 2, one message, no traceback."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in tiny_llama.iterdir():  # the tokenizer loads; the weights or the family are the problem
+        if f.name != "model.safetensors":
+            shutil.copy2(f, model_dir / f.name)
+    if mistake == "pickle_weights":
+        (model_dir / "pytorch_model.bin").write_bytes(b"never unpickled")
+        expected = "pickle"
+    else:
+        shutil.copy2(tiny_llama / "model.safetensors", model_dir / "model.safetensors")
+        cfg = json.loads((tiny_llama / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+        expected = "supported: gemma, gemma2"
+    done = subprocess.run([sys.executable, "-m", "jaxsft.cli", "train", str(ROOT / "configs" / "demo.yaml"),
+                           f"model.path={model_dir}", f"run.dir={tmp_path / 'run'}"],
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and str(model_dir) in done.stderr
 
 
 def test_sharded_safetensors_with_index(tiny_llama, tmp_path):

@@ -1,5 +1,8 @@
 """Models: read a Hugging Face directory, pick the family, build the NNX decoder, load its weights.
 
+Families (`config.json`'s `model_type`): llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text;
+see `jaxsft.models.families` for what each changes in the one decoder (`jaxsft.models.decoder`).
+
     model = jaxsft.models.from_pretrained("path/to/hf_dir", dtype=jnp.float32)
     logits = model(tokens, positions=None, segment_ids=None)  # [B, T, V] float32
 """
@@ -16,9 +19,11 @@ from flax import nnx
 
 from jaxsft.errors import ModelError
 from jaxsft.models.decoder import CausalLM, ModelArgs
+from jaxsft.models.families import SUPPORTED_MODEL_TYPES, args_from_hf_config
 from jaxsft.models.hf_io import load_params
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+__all__ = ["DTYPES", "SUPPORTED_MODEL_TYPES", "CausalLM", "ModelArgs", "abstract_model", "args_from_hf_config",
+           "from_pretrained", "read_hf_config"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -37,45 +42,6 @@ def read_hf_config(hf_dir: str | Path) -> dict:
         raise ModelError(f"{path}: not valid JSON: {e}") from None
 
 
-def args_from_hf_config(hf: dict, *, param_dtype: Any = jnp.float32, compute_dtype: Any = None,
-                        remat: str = "none") -> ModelArgs:
-    """ModelArgs for a Hugging Face `config.json` dict; unsupported families fail with the list of supported ones."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(f"config.json has model_type {model_type!r}, which jaxsft does not support; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 nests rope settings here
-    legacy_scaling = hf.get("rope_scaling") or {}
-    rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-    scaling = {**legacy_scaling, **{k: v for k, v in rope.items() if k != "rope_theta"}}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ModelError(f"config.json asks for rope scaling type {rope_type!r}; jaxsft supports default and llama3")
-    rope_scaling = None
-    if rope_type == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        rope_scaling = tuple(sorted((k, scaling[k]) for k in keys if k in scaling))
-    heads = hf["num_attention_heads"]
-    return ModelArgs(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        rope_scaling=rope_scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        param_dtype=param_dtype,
-        compute_dtype=compute_dtype or param_dtype,
-        remat=remat,
-    )
-
-
 def abstract_model(args: ModelArgs) -> CausalLM:
     """The model with `ShapeDtypeStruct` parameters: structure and logical axes, nothing allocated."""
     return nnx.eval_shape(lambda: CausalLM(args, rngs=nnx.Rngs(0)))
@@ -90,7 +56,11 @@ def from_pretrained(hf_dir: str | Path, dtype: Any = jnp.float32, *, compute_dty
     hf_dir = Path(hf_dir)
     dtype = DTYPES.get(dtype, dtype)
     compute_dtype = DTYPES.get(compute_dtype, compute_dtype)
-    args = args_from_hf_config(read_hf_config(hf_dir), param_dtype=dtype, compute_dtype=compute_dtype, remat=remat)
+    try:
+        args = args_from_hf_config(read_hf_config(hf_dir), param_dtype=dtype, compute_dtype=compute_dtype,
+                                   remat=remat)
+    except ModelError as e:
+        raise ModelError(f"{hf_dir}: {e}") from None
     graphdef, abstract_state = nnx.split(abstract_model(args))
     sharding_of = None
     if mesh is not None:

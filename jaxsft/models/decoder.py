@@ -1,12 +1,17 @@
 """The decoder-only transformer, in Flax NNX, with Hugging Face parameter names.
 
+One decoder serves every supported family; what differs between families (norm offset, biases,
+q/k norms, sandwich norms, soft-caps, sliding windows, RoPE bases) arrives as plain values in
+`ModelArgs` (built by `jaxsft.models.families`), never as a per-family code path.
+
 Dimension legend used in every einsum below:
   B batch, T query length, S key length, D model width, N query heads, K key/value heads,
   G query heads per kv head (N = K * G), H head dim, F mlp width, V vocab, L layers.
 
 Parameters carry logical axis names (`axes=` metadata) and never mesh axis names; the layers are
 stored stacked (a leading `layers` axis) and applied with `jax.lax.scan`, so compile time does
-not grow with depth.
+not grow with depth. What differs from one layer to the next (its attention window, its RoPE
+frequencies) is scanned along with the weights as per-layer arrays.
 """
 
 from __future__ import annotations
@@ -18,12 +23,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsft.models import fused
 from jaxsft.parallel import constrain
 
 
 @dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary embedding settings of one layer: the base and an optional frequency scaling."""
+
+    theta: float = 10000.0
+    scaling: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelArgs:
-    """Architecture of one model, read from its Hugging Face `config.json` (see `from_hf_config`)."""
+    """Architecture of one model (see `jaxsft.models.families.args_from_hf_config`)."""
 
     vocab_size: int
     hidden_size: int
@@ -33,14 +51,30 @@ class ModelArgs:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # llama3 frequency scaling, as sorted items
+    layer_ropes: tuple[Rope, ...] = ()  # one per layer; empty: Rope() everywhere
+    layer_windows: tuple[int, ...] = ()  # one per layer: attend to this many tokens (itself included); 0 = all
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
     mlp_bias: bool = False
+    activation: str = "silu"  # silu | gelu_tanh | gelu: the gate of the gated MLP
+    norm_offset: float = 0.0  # Gemma: norms scale by (1 + weight)
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(hidden_size)
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on queries and keys, before RoPE
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and MLP too
+    attn_scale: float | None = None  # scores scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init: str = "normal") -> nnx.Param:
@@ -57,11 +91,17 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
 class Linear(nnx.Module):
     """`y = einsum(spec, x, kernel) (+ bias)`; the kernel shape is written out by the caller."""
 
-    def __init__(self, spec: str, shape: tuple[int, ...], axes: tuple[str, ...], *, bias_shape=None,
-                 bias_axes=None, dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: str, shape: tuple[int, ...], axes: tuple[str, ...], *, bias: bool = False,
+                 dtype, rngs: nnx.Rngs):
         self.spec = spec
         self.kernel = _param(rngs, shape, axes, dtype)
-        self.bias = _param(rngs, bias_shape, bias_axes, dtype, "zeros") if bias_shape else None
+        # The bias has the kernel's output dims (after its leading `layers` dim, when stacked).
+        inputs, output = spec.split("->")
+        kernel_spec = inputs.split(",")[1]
+        lead = len(shape) - len(kernel_spec)
+        keep = list(range(lead)) + [lead + i for i, c in enumerate(kernel_spec) if c in output]
+        self.bias = _param(rngs, tuple(shape[i] for i in keep), tuple(axes[i] for i in keep), dtype,
+                           "zeros") if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum(self.spec, x, self.kernel[...].astype(x.dtype))
@@ -69,27 +109,30 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """`x / rms(x) * weight`, computed in float32 as Hugging Face does."""
+    """`x / rms(x) * (offset + weight)` over the last axis, computed in float32 as Hugging Face does."""
 
-    def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], eps: float, *, dtype, rngs: nnx.Rngs):
-        self.weight = _param(rngs, shape, axes, dtype, "ones")
-        self.eps = eps
+    def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], args: ModelArgs, *, rngs: nnx.Rngs):
+        # Stored as Hugging Face stores it: Gemma keeps `weight` around 0 (used as 1 + weight).
+        self.weight = _param(rngs, shape, axes, args.param_dtype, "zeros" if args.norm_offset else "ones")
+        self.eps = args.rms_norm_eps
+        self.offset = args.norm_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.weight[...].astype(jnp.float32) * x32).astype(x.dtype)
+        return ((self.offset + self.weight[...].astype(jnp.float32)) * x32).astype(x.dtype)
 
 
-def rope_frequencies(args: ModelArgs) -> jax.Array:
-    """Inverse frequencies `[H/2]`, with Llama 3 scaling when the config asks for it."""
-    h = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-    if args.rope_scaling is None:
+def rope_frequencies(rope: Rope, head_dim: int) -> jax.Array:
+    """Inverse frequencies `[H/2]` of one layer, scaled as its config asks."""
+    h = head_dim
+    inv_freq = 1.0 / (rope.theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if rope.scaling == "linear":
+        return inv_freq / rope.factor
+    if rope.scaling != "llama3":
         return inv_freq
-    s = dict(args.rope_scaling)
-    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_len = s["original_max_position_embeddings"]
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    old_len = rope.original_max_position_embeddings
     wavelen = 2 * jnp.pi / inv_freq
     low_wavelen, high_wavelen = old_len / low, old_len / high
     scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -108,69 +151,91 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """`cap * tanh(x / cap)` (Gemma 2's soft-capping); identity when `cap` is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 class Attention(nnx.Module):
-    """Grouped-query attention over packed rows (a token sees only earlier tokens of its segment)."""
+    """Grouped-query attention over packed rows: a token sees earlier tokens of its own segment,
+    and only the last `window` of them (itself included) in a sliding-window layer."""
 
     def __init__(self, args: ModelArgs, lead: tuple[int, ...], lead_axes: tuple[str, ...], *, rngs: nnx.Rngs):
         d, n, k, h, dt = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, args.param_dtype
-        bias = args.attention_bias
         self.q_proj = Linear("BTD,DNH->BTNH", lead + (d, n, h), lead_axes + ("embed", "heads", "head_dim"),
-                             bias_shape=lead + (n, h) if bias else None, bias_axes=lead_axes + ("heads", "head_dim"),
-                             dtype=dt, rngs=rngs)
+                             bias=args.qkv_bias, dtype=dt, rngs=rngs)
         self.k_proj = Linear("BTD,DKH->BTKH", lead + (d, k, h), lead_axes + ("embed", "kv_heads", "head_dim"),
-                             bias_shape=lead + (k, h) if bias else None, bias_axes=lead_axes + ("kv_heads", "head_dim"),
-                             dtype=dt, rngs=rngs)
+                             bias=args.qkv_bias, dtype=dt, rngs=rngs)
         self.v_proj = Linear("BTD,DKH->BTKH", lead + (d, k, h), lead_axes + ("embed", "kv_heads", "head_dim"),
-                             bias_shape=lead + (k, h) if bias else None, bias_axes=lead_axes + ("kv_heads", "head_dim"),
-                             dtype=dt, rngs=rngs)
+                             bias=args.qkv_bias, dtype=dt, rngs=rngs)
         self.o_proj = Linear("BTNH,NHD->BTD", lead + (n, h, d), lead_axes + ("heads", "head_dim", "embed"),
-                             bias_shape=lead + (d,) if bias else None, bias_axes=lead_axes + ("embed",),
-                             dtype=dt, rngs=rngs)
+                             bias=args.o_bias, dtype=dt, rngs=rngs)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(lead + (h,), lead_axes + ("norm",), args, rngs=rngs)
+            self.k_norm = RMSNorm(lead + (h,), lead_axes + ("norm",), args, rngs=rngs)
+        self.qk_norm = args.qk_norm
         self.num_kv_heads = k
+        self.scale = args.attn_scale if args.attn_scale is not None else h**-0.5
+        self.softcap = args.attn_softcap
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        q = apply_rope(self.q_proj(x), cos, sin)
-        k = apply_rope(self.k_proj(x), cos, sin)
-        v = self.v_proj(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, t, n, h = q.shape
         q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * h**-0.5
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+        # softmax(where(mask, cap(q k^T * scale))) v, with a backward pass that recomputes the
+        # probabilities instead of keeping [B, K, G, T, S] of them per layer (see fused.py).
+        out = fused.attention(q, k, v, mask, self.scale, self.softcap).reshape(b, t, n, h)
         return self.o_proj(out)
 
 
 class MLP(nnx.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+    """Gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU with silu, GeGLU with gelu)."""
 
     def __init__(self, args: ModelArgs, lead: tuple[int, ...], lead_axes: tuple[str, ...], *, rngs: nnx.Rngs):
-        d, f, dt = args.hidden_size, args.intermediate_size, args.param_dtype
-        b = args.mlp_bias
-        self.gate_proj = Linear("BTD,DF->BTF", lead + (d, f), lead_axes + ("embed", "mlp"),
-                                bias_shape=lead + (f,) if b else None, bias_axes=lead_axes + ("mlp",), dtype=dt, rngs=rngs)
-        self.up_proj = Linear("BTD,DF->BTF", lead + (d, f), lead_axes + ("embed", "mlp"),
-                              bias_shape=lead + (f,) if b else None, bias_axes=lead_axes + ("mlp",), dtype=dt, rngs=rngs)
-        self.down_proj = Linear("BTF,FD->BTD", lead + (f, d), lead_axes + ("mlp", "embed"),
-                                bias_shape=lead + (d,) if b else None, bias_axes=lead_axes + ("embed",), dtype=dt, rngs=rngs)
+        d, f, dt, b = args.hidden_size, args.intermediate_size, args.param_dtype, args.mlp_bias
+        self.gate_proj = Linear("BTD,DF->BTF", lead + (d, f), lead_axes + ("embed", "mlp"), bias=b, dtype=dt, rngs=rngs)
+        self.up_proj = Linear("BTD,DF->BTF", lead + (d, f), lead_axes + ("embed", "mlp"), bias=b, dtype=dt, rngs=rngs)
+        self.down_proj = Linear("BTF,FD->BTD", lead + (f, d), lead_axes + ("mlp", "embed"), bias=b, dtype=dt, rngs=rngs)
+        self.activation = args.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = _ACTIVATIONS[self.activation]
+        if self.gate_proj.bias is None:  # the common case: one block with a hand-written backward pass
+            return fused.gated_mlp(x, *(p.kernel[...].astype(x.dtype) for p in (self.gate_proj, self.up_proj,
+                                                                                self.down_proj)), act)
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block; built with `lead=(L,)` it holds all L layers stacked."""
+    """Pre-norm residual block (Gemma 2/3: sandwich norms); built with `lead=(L,)` it holds all L
+    layers stacked.
+
+    Without sandwich norms, `post_attention_layernorm` is the norm before the MLP (Llama's naming);
+    with them it normalizes the attention output and `pre_feedforward_layernorm` precedes the MLP.
+    """
 
     def __init__(self, args: ModelArgs, lead: tuple[int, ...] = (), lead_axes: tuple[str, ...] = (), *, rngs: nnx.Rngs):
-        d, dt = args.hidden_size, args.param_dtype
-        self.input_layernorm = RMSNorm(lead + (d,), lead_axes + ("norm",), args.rms_norm_eps, dtype=dt, rngs=rngs)
+        shape, axes = lead + (args.hidden_size,), lead_axes + ("norm",)
+        self.input_layernorm = RMSNorm(shape, axes, args, rngs=rngs)
         self.self_attn = Attention(args, lead, lead_axes, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(lead + (d,), lead_axes + ("norm",), args.rms_norm_eps, dtype=dt, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(shape, axes, args, rngs=rngs)
+        if args.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(shape, axes, args, rngs=rngs)
+            self.post_feedforward_layernorm = RMSNorm(shape, axes, args, rngs=rngs)
         self.mlp = MLP(args, lead, lead_axes, rngs=rngs)
+        self.sandwich = args.sandwich_norms
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + attn
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -181,13 +246,15 @@ _REMAT_POLICIES = {
 
 
 class Embedding(nnx.Module):
-    """Token embedding table `[V, D]`."""
+    """Token embedding table `[V, D]`, times `embed_scale` (Gemma: sqrt(D), rounded to the weight dtype)."""
 
     def __init__(self, args: ModelArgs, *, rngs: nnx.Rngs):
         self.weight = _param(rngs, (args.vocab_size, args.hidden_size), ("vocab", "embed"), args.param_dtype)
+        self.scale = args.embed_scale
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], tokens, axis=0)
+        x = jnp.take(self.weight[...], tokens, axis=0)
+        return x * jnp.asarray(self.scale, x.dtype) if self.scale != 1.0 else x
 
 
 class DecoderModel(nnx.Module):
@@ -197,28 +264,35 @@ class DecoderModel(nnx.Module):
         self.args = args
         self.embed_tokens = Embedding(args, rngs=rngs)
         self.layers = DecoderLayer(args, (args.num_layers,), ("layers",), rngs=rngs)
-        self.norm = RMSNorm((args.hidden_size,), ("norm",), args.rms_norm_eps, dtype=args.param_dtype, rngs=rngs)
+        self.norm = RMSNorm((args.hidden_size,), ("norm",), args, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         args = self.args
         x = self.embed_tokens(tokens).astype(args.compute_dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
-        # Rotary tables and the mask are shared by all layers: computed once, outside the scan.
-        freqs = positions[..., None].astype(jnp.float32) * rope_frequencies(args)  # [B,T,H/2]
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.cos(emb), jnp.sin(emb)
-        causal = positions[:, :, None] >= positions[:, None, :]  # within a segment positions increase
-        same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = (causal & same_segment)[:, None, None, :, :]  # [B,1,1,T,S]
+        # What all layers share is computed once, outside the scan: query-key distances and the
+        # causal same-segment mask. Within a segment positions count up, so they give the distance.
+        dist = positions[:, :, None] - positions[:, None, :]  # [B,T,S]
+        visible = (dist >= 0) & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        # What differs per layer is scanned with its weights: RoPE frequencies and window size.
+        ropes = args.layer_ropes or (Rope(),) * args.num_layers
+        freqs = {r: rope_frequencies(r, args.head_dim) for r in set(ropes)}
+        inv_freq = jnp.stack([freqs[r] for r in ropes])  # [L, H/2]
+        windows = jnp.asarray(args.layer_windows or (0,) * args.num_layers, jnp.int32)  # [L]
 
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask), None
+        def body(h, xs):
+            layer_state, layer_inv_freq, window = xs
+            angles = positions[..., None].astype(jnp.float32) * layer_inv_freq  # [B,T,H/2]
+            angles = jnp.concatenate([angles, angles], axis=-1)
+            mask = visible & ((window == 0) | (dist < window))  # window w: the token and w-1 before it
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(h, jnp.cos(angles), jnp.sin(angles), mask[:, None, None, :, :]), None
 
         if args.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[args.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, stacked)
+        x, _ = jax.lax.scan(body, x, (stacked, inv_freq, windows))
         return self.norm(x)
 
 
@@ -248,8 +322,14 @@ class CausalLM(nnx.Module):
             return self.model.embed_tokens.weight[...].T
         return self.lm_head.kernel[...]
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """Gemma 2's final soft-cap: logits are `cap * tanh(head(h) / cap)`; None for other models."""
+        return self.args.final_softcap
+
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         x = self.hidden_states(tokens, positions, segment_ids)
-        return jnp.einsum("BTD,DV->BTV", x, self.head_kernel().astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,DV->BTV", x, self.head_kernel().astype(x.dtype), preferred_element_type=jnp.float32)
+        return softcap(logits, self.logit_softcap)
+
