@@ -51,6 +51,8 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the start and the end (when data.eval is set)
     eval_batches: int = 0  # 0: the whole held-out set
+    loss_chunk: int = 256  # positions per chunk of the [B, T, V] logits in the loss; 0: whole logits at once
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: datasheet table (accelerators) or measured (CPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,8 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float = 1.0  # global-norm gradient clipping; 0 turns it off
+    # Weight decay applies to projection kernels only; true also decays norms, biases and embeddings.
+    decay_norms_biases_embeddings: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +237,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     if cfg.train.steps < 0:
         raise ConfigError(f"config key 'train.steps' must be >= 0, got {cfg.train.steps}")
+    for key, value in {"train.loss_chunk": cfg.train.loss_chunk, "train.peak_tflops": cfg.train.peak_tflops}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by "
                           f"'train.grad_accum' ({cfg.train.grad_accum})")

@@ -14,13 +14,16 @@ import jax.numpy as jnp
 
 
 def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                       chunk: int = 256) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       chunk: int = 256, softcap: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns `(loss_sum, trained_tokens, correct)` over the positions where `loss_mask` is 1.
 
-    hidden: [B, T, D] final hidden states; head: [D, V]; targets, loss_mask: [B, T].
+    hidden: [B, T, D] final hidden states; head: [D, V]; targets, loss_mask: [B, T]. `chunk` is
+    the number of positions whose logits exist at once; 0 computes the whole `[B, T, V]` at once
+    (only for comparison: its memory grows with T x V). `softcap` (Gemma 2) maps the logits to
+    `cap * tanh(logits / cap)` first, as the model's own head does.
     """
     b, t, d = hidden.shape
-    chunk = min(chunk, t)
+    chunk = min(chunk or t, t)
     while t % chunk:  # largest chunk size <= the requested one that divides T
         chunk -= 1
     n = t // chunk
@@ -32,6 +35,8 @@ def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, l
     @jax.checkpoint
     def one_chunk(h, tgt, m):
         logits = jnp.einsum("BCD,DV->BCV", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        if softcap is not None:
+            logits = jnp.tanh(logits / softcap) * softcap
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         correct = (jnp.argmax(logits, axis=-1) == tgt).astype(jnp.float32)

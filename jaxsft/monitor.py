@@ -40,6 +40,8 @@ def format_line(record: dict) -> str:
             parts.append(f"{key} {record[key]:.4g}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in record:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
     return " | ".join(parts)
 
 

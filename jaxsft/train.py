@@ -18,9 +18,9 @@ import optax
 from flax import nnx
 from transformers import AutoTokenizer
 
-from jaxsft import parallel
+from jaxsft import flops, parallel
 from jaxsft.checkpoint import Checkpointer
-from jaxsft.config import Config, OptimizerConfig, dump_config
+from jaxsft.config import Config, ModelConfig, OptimizerConfig, dump_config
 from jaxsft.data.pipeline import eval_batches, train_dataset
 from jaxsft.errors import ConfigError, ModelError
 from jaxsft.loss import cross_entropy_sums
@@ -33,8 +33,20 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "vocab.json", "merges.txt", "added_tokens.json")
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW with linear warmup then the configured decay, and global-norm clipping."""
+def decay_mask(params: Any, decay_all: bool = False) -> Any:
+    """True for the parameters weight decay applies to: projection kernels (the output head
+    included), not norms, biases or the embedding table, unless `decay_all`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: decay_all or getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int,
+                   params: Any = None) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW with linear warmup then the configured decay, and global-norm clipping.
+
+    With `params` (the parameter tree, or one of the same structure) weight decay skips norms,
+    biases and embeddings unless `cfg.decay_norms_biases_embeddings`.
+    """
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
     end = cfg.lr * cfg.min_lr_ratio
@@ -46,21 +58,43 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
         decay = optax.constant_schedule(cfg.lr)
     schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup]) if warmup else decay
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    mask = None if params is None else decay_mask(params, cfg.decay_norms_biases_embeddings)
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask))
     return optax.chain(*parts), schedule
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict,
+              loss_chunk: int = 256) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"])
+    loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"],
+                                              chunk=loss_chunk, softcap=model.logit_softcap)
     return loss_sum, (n, correct)
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings):
-    """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed."""
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int, mesh) -> tuple:
+    """Loads the model onto `mesh` and builds the train state.
+
+    Returns `(model, graphdef, state, tx, schedule)`: the state is `{"params", "opt_state",
+    "step"}` of arrays sharded by the logical-axis rules (optimizer moments like their params).
+    """
+    model = from_pretrained(model_cfg.path, model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
+                            remat=model_cfg.remat, mesh=mesh)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    tx, schedule = make_optimizer(opt_cfg, total_steps, params)
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+    return model, graphdef, parallel.on_mesh(state, mesh), tx, schedule
+
+
+def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings, loss_chunk: int = 256):
+    """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed.
+
+    The loss is one sum over every trained token of the global batch (all micro-batches, all
+    devices) divided once by their count, so the update does not depend on how the batch is split.
+    """
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
 
     def step(state, batch):
         with parallel.activation_sharding(mesh):
@@ -95,11 +129,11 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardin
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def make_eval_step(graphdef, mesh, params_shardings):
+def make_eval_step(graphdef, mesh, params_shardings, loss_chunk: int = 256):
     """The jitted `(params, batch) -> (loss_sum, trained_tokens)`."""
     def step(params, batch):
         with parallel.activation_sharding(mesh):
-            loss_sum, (n, _) = loss_sums(graphdef, params, batch)
+            loss_sum, (n, _) = loss_sums(graphdef, params, batch, loss_chunk)
             return loss_sum, n
     return jax.jit(step, in_shardings=(params_shardings, parallel.batch_sharding(mesh)))
 
@@ -150,15 +184,12 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     local_batch = cfg.train.batch_size // jax.process_count()
     tokenizer = load_tokenizer(cfg.model.path)
 
-    model = from_pretrained(cfg.model.path, cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
-                            remat=cfg.model.remat, mesh=mesh)
-    graphdef, params = nnx.split(model)
-    params = nnx.to_pure_dict(params)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
-    state = parallel.on_mesh(state, mesh)
+    model, graphdef, state, tx, schedule = init_state(cfg.model, cfg.optimizer, cfg.train.steps, mesh)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    step_flops = flops.train_flops_per_position(state["params"], model.args, cfg.data.seq_len) * (
+        cfg.train.batch_size * cfg.data.seq_len)
+    peak = flops.peak_flops(list(mesh.devices.flat), cfg.model.compute_dtype, cfg.train.peak_tflops)
 
     dataset = train_dataset(cfg.data, tokenizer, seed=cfg.train.seed, local_batch=local_batch,
                             process_index=jax.process_index(), process_count=jax.process_count())
@@ -172,15 +203,19 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start)
     info(f"jaxsft: {n_params:,} parameters | mesh {dict(mesh.shape)} | global batch {cfg.train.batch_size} x "
          f"{cfg.data.seq_len} | steps {start}->{cfg.train.steps} | run dir {run_dir}")
+    if peak:
+        info(f"MFU counts {step_flops / 1e12:.3g} TFLOP per step against a peak of {peak / 1e12:.3g} TFLOP/s"
+             + (" (measured CPU matmul)" if mesh.devices.flat[0].platform == "cpu" and not cfg.train.peak_tflops else ""))
 
-    step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings)
+    step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings,
+                              cfg.train.loss_chunk)
     eval_data = eval_fn = None
     if cfg.data.eval:
         # Put on the devices once: the same held-out batches serve every evaluation.
         eval_data = [parallel.global_batch(b, mesh) for b in eval_batches(
             cfg.data, tokenizer, local_batch=local_batch, process_index=jax.process_index(),
             process_count=jax.process_count(), max_batches=cfg.train.eval_batches)]
-        eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"])
+        eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], cfg.train.loss_chunk)
         if start == 0:
             log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data)})
 
@@ -197,9 +232,12 @@ def train(cfg: Config, devices: list | None = None) -> dict:
         if done % cfg.train.log_every == 0 or is_last:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - t0
+            step_s = elapsed / steps_since
             record = {"step": done, "total_steps": cfg.train.steps, **metrics,
                       "trained_tokens": int(metrics["trained_tokens"]),
-                      "tokens_per_s": tokens_per_step * steps_since / elapsed, "step_s": elapsed / steps_since}
+                      "tokens_per_s": tokens_per_step / step_s, "step_s": step_s}
+            if peak:
+                record["mfu"] = step_flops / step_s / peak
         if eval_fn is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last):
             record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data)}
         if record is not None:

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxsft.models import from_pretrained
 from jaxsft.models.hf_io import iter_hf_tensors
+from jaxsft.train import loss_sums
 
 VOCAB, SEQ = 160, 20
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -129,8 +130,13 @@ def test_gradients_match_torch_autograd(family):
     targets = rng.randint(0, VOCAB, size=(2, SEQ))
     mask = (rng.rand(2, SEQ) < 0.6).astype(np.float32)
 
+    # The training loss itself: hidden states -> chunked head (final soft-cap included) -> masked sums.
+    batch = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(targets), "loss_mask": jnp.asarray(mask),
+             "positions": jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ)), "segment_ids": jnp.ones((2, SEQ), jnp.int32)}
+
     def loss_fn(p):
-        return masked_loss(nnx.merge(graphdef, p)(jnp.asarray(tokens)), targets, mask)
+        loss_sum, (n, _) = loss_sums(graphdef, p, batch, loss_chunk=8)
+        return loss_sum / n
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
 

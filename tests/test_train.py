@@ -54,8 +54,9 @@ def test_eval_loss_logged_at_start_and_end(tmp_path, tiny_llama):
     assert evals[1][1] < evals[0][1]
     for x in lines:
         if "loss" in x:
-            assert {"step", "loss", "trained_tokens", "tokens_per_s"} <= set(x)
-            assert x["trained_tokens"] > 0 and x["tokens_per_s"] > 0
+            assert {"step", "loss", "accuracy", "grad_norm", "lr", "trained_tokens", "tokens_per_s", "step_s",
+                    "mfu"} <= set(x)
+            assert x["trained_tokens"] > 0 and x["tokens_per_s"] > 0 and 0 < x["mfu"] < 1
 
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path, tiny_llama):
