@@ -8,6 +8,7 @@ CPU, or the devices of a TPU topology described from a CPU host).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from jaxsft import parallel
 from jaxsft.config import Config
 from jaxsft.models import DTYPES, abstract_model
 from jaxsft.models.families import args_from_hf_config
-from jaxsft.train import make_optimizer, make_train_step
+from jaxsft.train import make_optimizer, make_train_step, opt_state_shardings
 
 
 @dataclass
@@ -45,17 +46,19 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def abstract_state(hf_config: dict, cfg: Config, mesh: Mesh) -> tuple:
-    """`(args, graphdef, state, tx, schedule)` with `state` made of sharded ShapeDtypeStructs."""
-    args = args_from_hf_config(hf_config, param_dtype=DTYPES[cfg.model.param_dtype],
+def model_args(hf_config: dict, cfg: Config):
+    """The `ModelArgs` a run of `cfg` builds from this `config.json` content."""
+    return args_from_hf_config(hf_config, param_dtype=DTYPES[cfg.model.param_dtype],
                                compute_dtype=DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat)
+
+
+def abstract_state(args, cfg: Config, mesh: Mesh) -> tuple:
+    """`(args, graphdef, state, tx, schedule)` with `state` made of sharded ShapeDtypeStructs."""
     graphdef, variables = nnx.split(abstract_model(args))
     shardings = parallel.param_shardings(variables, mesh)
     params = _with_sharding(nnx.to_pure_dict(variables), shardings)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, params)
-    # The optimizer state's shardings are what jit gives them from the params' (moments like params).
-    init = jax.jit(tx.init).lower(params).compile()
-    opt_state = _with_sharding(jax.eval_shape(tx.init, params), init.output_shardings)
+    opt_state = _with_sharding(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     return args, graphdef, {"params": params, "opt_state": opt_state, "step": step}, tx, schedule
 
@@ -67,11 +70,162 @@ def abstract_batch(global_batch: int, seq_len: int, mesh: Mesh) -> dict:
             for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
 
 
-def compile_train_step(hf_config: dict, cfg: Config, mesh: Mesh) -> CompiledStep:
-    """Lowers and compiles the train step `jaxsft.train` runs, for `cfg` on `mesh`."""
-    args, graphdef, state, tx, schedule = abstract_state(hf_config, cfg, mesh)
+def compile_train_step(model: dict | Any, cfg: Config, mesh: Mesh) -> CompiledStep:
+    """Lowers and compiles the train step `jaxsft.train` runs, for `cfg` on `mesh`.
+
+    `model` is the content of a Hugging Face `config.json`, or `ModelArgs`.
+    """
+    args = model_args(model, cfg) if isinstance(model, dict) else model
+    args, graphdef, state, tx, schedule = abstract_state(args, cfg, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, shardings, cfg.train.loss_chunk)
     t = time.perf_counter()
     compiled = step.lower(state, abstract_batch(cfg.train.batch_size, cfg.data.seq_len, mesh)).compile()
     return CompiledStep(compiled, args, state["params"], time.perf_counter() - t)
+
+
+# --------------------------------------------------------------------------- TPU topologies
+
+@dataclass(frozen=True)
+class TpuChip:
+    """Datasheet facts of one TPU generation."""
+
+    hbm_gib: float  # per chip
+    hbm_gbps: float  # HBM bandwidth per chip, GB/s
+    dims: int  # 2: v5e/v6e slices are 2-D; 3: v4/v5p are 3-D tori
+    cores_in_name: bool  # v4-8 / v5p-8 count TensorCores (2 per chip); v5e-8 / v6e-8 count chips
+
+
+TPU_CHIPS = {
+    "v4": TpuChip(32, 1200, 3, True),
+    "v5p": TpuChip(95, 2765, 3, True),
+    "v5e": TpuChip(16, 819, 2, False),
+    "v6e": TpuChip(32, 1640, 2, False),
+}
+
+
+def parse_topology(name: str) -> tuple[str, str, int]:
+    """`v5p-8` -> `("v5p", "2x2x1", 4 chips)`; `v5e:2x4` is taken as written."""
+    from jaxsft.errors import ConfigError
+
+    generation, _, size = name.replace(":", "-", 1).partition("-")
+    if generation not in TPU_CHIPS:
+        raise ConfigError(f"--topology {name!r}: unknown TPU generation; known: {', '.join(TPU_CHIPS)}")
+    chip = TPU_CHIPS[generation]
+    if "x" in size:
+        dims = [int(d) for d in size.split("x")]
+        return generation, size, math.prod(dims)
+    if not size.isdigit():
+        raise ConfigError(f"--topology {name!r}: expected GENERATION-SIZE such as v5p-8 or v5e-16")
+    chips = int(size) // 2 if chip.cores_in_name else int(size)
+    if chips < 1 or chips & (chips - 1):
+        raise ConfigError(f"--topology {name!r}: {chips} chips is not a power of two")
+    dims = [1] * chip.dims
+    while math.prod(dims) < chips:  # grow the smallest side: 4 -> 2x2(x1), 8 -> 2x4 / 2x2x2, 16 -> 4x4 / 2x2x4
+        dims[dims.index(min(dims))] *= 2
+    dims = sorted(dims)
+    if dims[0] == 1 and chip.dims == 3:  # 3-D slices are written with the short side last: 2x2x1
+        dims = dims[1:] + [1]
+    return generation, "x".join(map(str, dims)), chips
+
+
+def topology_devices(name: str) -> tuple[list, str, int]:
+    """The devices of a TPU slice described on this host (libtpu, no TPU needed): `(devices, generation, chips)`."""
+    from jaxsft.errors import ConfigError
+
+    generation, shape, chips = parse_topology(name)
+    try:
+        from jax.experimental import topologies
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:{shape}")
+    except Exception as e:  # no libtpu, or a shape libtpu rejects
+        missing = isinstance(e, ImportError) or "INVALID_ARGUMENT" not in str(e)
+        hint = " (is the TPU compiler installed? pip install 'jaxsft[tpu]')" if missing else ""
+        raise ConfigError(f"--topology {name!r}: cannot describe {generation}:{shape}: "
+                          f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}{hint}") from None
+    return list(desc.devices), generation, chips
+
+
+# --------------------------------------------------------------------------- the compile report
+
+def _cost(compiled) -> tuple[float, float]:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
+    """Compiles the run's train step for a TPU topology from this host; returns report lines and
+    whether the step fits in HBM. Raises `ConfigError` when the TPU compiler finds it does not fit."""
+    from jaxsft import flops
+    from jaxsft.errors import ConfigError
+    from jaxsft.models import read_hf_config
+
+    devices, generation, chips = topology_devices(topology)
+    chip = TPU_CHIPS[generation]
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    if cfg.train.batch_size % (parallel.data_parallel_size(mesh) * cfg.train.grad_accum):
+        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
+                          f"data-parallel size ({parallel.data_parallel_size(mesh)}) x train.grad_accum")
+    args = model_args(read_hf_config(cfg.model.path), cfg)
+    per_chip = len(devices) // chips  # devices per chip (v4 shows its two TensorCores as devices)
+    try:
+        step = compile_train_step(args, cfg, mesh)
+    except Exception as e:  # the TPU compiler's own out-of-memory report names the largest buffers
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" in text or "HbmOom" in text or "memory" in text.lower():
+            lines = [line for line in text.splitlines() if line.strip()][:40]
+            raise ConfigError(f"the train step does not fit on {topology} ({_gib(chip.hbm_gib * 2**30)} HBM per "
+                              f"chip); the TPU compiler says:\n  " + "\n  ".join(lines)) from None
+        raise
+    mem = step.memory()
+    need_device = mem["argument"] + mem["temp"] + mem["output"] - mem["alias"] + mem["code"]
+    need_chip, hbm_chip = need_device * per_chip, chip.hbm_gib * 2**30
+    fits = need_chip <= hbm_chip
+
+    n_params = sum(x.size for x in jax.tree.leaves(step.params))
+    model_flops = flops.train_flops_per_position(step.params, args, cfg.data.seq_len) * (
+        cfg.train.batch_size * cfg.data.seq_len)
+    xla_flops, _ = _cost(step.compiled)
+    peak_chip = flops.device_peak_flops(devices[0], cfg.model.compute_dtype) * per_chip
+    # Roofline: a step takes at least its FLOPs at peak, and at least the time to read the state
+    # and write it back and to write and read its temporaries once at full HBM bandwidth.
+    traffic = (mem["argument"] + mem["output"] + 2 * mem["temp"]) * per_chip
+    compute_s, memory_s = model_flops / chips / peak_chip, traffic / (chip.hbm_gbps * 1e9)
+    step_s = max(compute_s, memory_s)
+    mfu = model_flops / chips / step_s / peak_chip
+
+    lines = [
+        f"topology {topology}: {chips} chips ({devices[0].device_kind}, {len(devices)} devices), "
+        f"mesh {dict(mesh.shape)}",
+        f"model {cfg.model.path}: {n_params / 1e9:.2f}B parameters, {args.num_layers} layers; "
+        f"global batch {cfg.train.batch_size} x {cfg.data.seq_len}, grad_accum {cfg.train.grad_accum}, "
+        f"params {cfg.model.param_dtype}, compute {cfg.model.compute_dtype}, remat {cfg.model.remat}",
+        f"compile time: {step.compile_s:.1f} s",
+        f"HBM per chip: {_gib(need_chip)} needed of {_gib(hbm_chip)} "
+        f"(arguments {_gib(mem['argument'] * per_chip)}, temporaries {_gib(mem['temp'] * per_chip)}, "
+        f"code {_gib(mem['code'] * per_chip)}) -> {'fits' if fits else 'DOES NOT FIT'}",
+        f"FLOPs per step: model 6N+12LHT {model_flops:.3e} ({model_flops / chips:.3e} per chip); "
+        f"XLA cost analysis {xla_flops * per_chip:.3e} per chip (it counts a loop body once: the scanned "
+        f"layers as one layer)",
+        f"estimated step time >= {step_s:.3g} s (roofline: {peak_chip / 1e12:.0f} TFLOP/s and "
+        f"{chip.hbm_gbps:.0f} GB/s per chip; {'compute' if compute_s >= memory_s else 'HBM'}-bound) -> "
+        f"MFU <= {100 * mfu:.1f}%, "
+        f"<= {cfg.train.batch_size * cfg.data.seq_len / step_s:,.0f} tokens/s",
+    ]
+    if not fits:
+        lines.append("largest per-chip arrays of the train state:")
+        lines += [f"  {_gib(size)}  {name}" for size, name in largest_state_arrays(step, per_chip)]
+    return lines, fits
+
+
+def largest_state_arrays(step: CompiledStep, per_chip: int, n: int = 5) -> list[tuple[int, str]]:
+    """The `n` parameters whose per-chip shards are largest (optimizer moments follow them)."""
+    sizes = []
+    for path, x in jax.tree_util.tree_leaves_with_path(step.params):
+        shard = x.sharding.shard_shape(x.shape)
+        sizes.append((math.prod(shard) * x.dtype.itemsize * per_chip, jax.tree_util.keystr(path)))
+    return sorted(sizes, reverse=True)[:n]

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 from transformers import AutoTokenizer
 
@@ -73,6 +74,16 @@ def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict,
     return loss_sum, (n, correct)
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any, mesh) -> Any:
+    """Shardings of the optimizer state: each moment like its parameter (so FSDP shards Adam's
+    state too), counters and other scalars replicated. `params` are arrays or ShapeDtypeStructs
+    carrying their shardings."""
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
+                                 jax.tree.map(lambda x: x.sharding, params),
+                                 transform_non_params=lambda _: replicated)
+
+
 def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int, mesh) -> tuple:
     """Loads the model onto `mesh` and builds the train state.
 
@@ -84,7 +95,8 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     tx, schedule = make_optimizer(opt_cfg, total_steps, params)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
+    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
     return model, graphdef, parallel.on_mesh(state, mesh), tx, schedule
 
 

@@ -205,3 +205,18 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny_llama, batches, refe
     floats = [x for x in jax.tree.leaves(state) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
     assert floats and all(x.dtype == jax.numpy.float32 for x in floats)
     assert abs(float(metrics["loss"]) - reference[0][0][0]) <= 2e-2 * reference[0][0][0]
+
+
+def test_fsdp_shards_adam_moments_like_their_parameters(tiny_llama):
+    m = parallel.make_mesh(MeshConfig(fsdp=8), jax.devices())
+    _, _, state, _, _ = init_state(ModelConfig(path=str(tiny_llama)), OPT, 10, m)
+    specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
+    moments = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+               if ".mu" in jax.tree_util.keystr(p) or ".nu" in jax.tree_util.keystr(p)]
+    assert len(moments) == 2 * len(specs)
+    sharded = 0
+    for path, x in moments:
+        param = path.split(".mu")[-1].split(".nu")[-1]
+        assert x.sharding.spec == specs[param], path
+        sharded += "fsdp" in str(x.sharding.spec)
+    assert sharded > 0
