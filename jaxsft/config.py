@@ -29,14 +29,39 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FieldsConfig:
+    """Which record field holds what, for datasets that name them differently.
+
+    Alpaca: `prompt: instruction, input: input, completion: output`; ShareGPT:
+    `messages: conversations, role: from, content: value` (roles human/gpt are understood).
+    """
+
+    prompt: str = "prompt"
+    completion: str = "completion"
+    input: str = ""  # optional second prompt field (Alpaca's `input`), appended after a blank line
+    system: str = "system"  # optional system prompt of a prompt/completion record
+    messages: str = "messages"
+    role: str = "role"
+    content: str = "content"
+    tools: str = "tools"  # tool definitions passed to the chat template
+    text: str = "text"
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the examples come from and how they become packed rows."""
 
-    train: tuple[str, ...] = ()  # JSONL files of {"prompt", "completion"}
-    eval: tuple[str, ...] = ()  # optional held-out JSONL files
+    # Files, globs or Hugging Face `save_to_disk` directories: JSONL (.jsonl, .jsonl.gz) or Parquet.
+    train: tuple[str, ...] = ()
+    eval: tuple[str, ...] = ()  # optional held-out data, same forms
+    weights: tuple[float, ...] = ()  # one per data.train entry: a weighted mixture; empty: one concatenated set
+    schema: Literal["auto", "prompt_completion", "messages", "text"] = "auto"  # auto: by the fields present
+    fields: FieldsConfig = FieldsConfig()
+    train_on_prompt: bool = False  # train every token, not only completions / assistant turns
+    empty: Literal["error", "drop"] = "error"  # an example with no trained tokens
     seq_len: int = 512
     overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than seq_len
-    packing_bins: int = 32  # open rows the best-fit packer fills at once
+    packing_bins: int = 256  # rows per best-fit packing window (larger: tighter packing, later first batch)
     shuffle: bool = True
 
 
@@ -53,6 +78,9 @@ class TrainConfig:
     eval_batches: int = 0  # 0: the whole held-out set
     loss_chunk: int = 256  # positions per chunk of the [B, T, V] logits in the loss; 0: whole logits at once
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: datasheet table (accelerators) or measured (CPU)
+    # A non-finite loss or gradient norm: stop the run (no checkpoint of it is written), or skip that
+    # step's update (parameters and optimizer state stay as they were; the data moves on).
+    nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +111,10 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Orbax checkpoints in the run directory."""
+    """Orbax checkpoints in the run directory (saved asynchronously; SIGTERM also saves, then stops)."""
 
-    every: int = 100
-    keep: int = 3
+    every: int = 100  # save every this many steps, and at the last step
+    keep: int = 3  # the newest checkpoints kept; older ones are deleted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +123,30 @@ class RunConfig:
 
     dir: str = "runs/default"
     export: str = ""  # when set, `train` exports a Hugging Face directory here at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """How to decode (`jaxsft generate KEY=VALUE ...`, and the generations of `jaxsft eval`)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # sample among the k most likely tokens; 0: no limit
+    top_p: float = 1.0  # sample among the most likely tokens holding this much probability
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings, besides the eos and end-of-turn tokens
+    batch_size: int = 8  # prompts decoded together
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(GenerateConfig):
+    """`jaxsft eval`: decoding settings (as `GenerateConfig`) and the generation metrics to report."""
+
+    metrics: tuple[Literal["exact_match", "json_valid", "json_fields", "label_in_set"], ...] = ("exact_match",)
+    labels: tuple[str, ...] = ()  # the allowed answers, for label_in_set
+    user_metric: str = ""  # "pkg.module:function", called as function(prediction, reference) -> number
+    num_generations: int = 64  # held-out prompts to generate for (the first ones); 0: all
+    examples: int = 5  # example generations shown in the report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +160,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -235,6 +288,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.data.weights:
+        if len(cfg.data.weights) != len(cfg.data.train):
+            raise ConfigError(f"config key 'data.weights' has {len(cfg.data.weights)} weights for "
+                              f"{len(cfg.data.train)} 'data.train' entries; give one per entry")
+        if min(cfg.data.weights) <= 0:
+            raise ConfigError(f"config key 'data.weights' must all be positive, got {list(cfg.data.weights)}")
     if cfg.train.steps < 0:
         raise ConfigError(f"config key 'train.steps' must be >= 0, got {cfg.train.steps}")
     for key, value in {"train.loss_chunk": cfg.train.loss_chunk, "train.peak_tflops": cfg.train.peak_tflops}.items():
@@ -249,6 +308,42 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'mesh.{axis}' must be a positive size or -1, got {v}")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of 'mesh.data', 'mesh.fsdp', 'mesh.tensor' may be -1")
+    validate_eval(cfg.eval)
+
+
+def validate_generate(cfg: GenerateConfig, prefix: str = "") -> None:
+    """Checks decoding settings; errors name the key under `prefix` (`eval.` in a run config)."""
+    for key in ("max_new_tokens", "batch_size"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"config key '{prefix}{key}' must be positive, got {getattr(cfg, key)}")
+    for key in ("temperature", "top_k"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key '{prefix}{key}' must be >= 0, got {getattr(cfg, key)}")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ConfigError(f"config key '{prefix}top_p' must be in (0, 1], got {cfg.top_p}")
+    if any(not s for s in cfg.stop):
+        raise ConfigError(f"config key '{prefix}stop' holds an empty string")
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """Checks the `eval` section."""
+    validate_generate(cfg, "eval.")
+    for key in ("num_generations", "examples"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key 'eval.{key}' must be >= 0, got {getattr(cfg, key)}")
+    if "label_in_set" in cfg.metrics and not cfg.labels:
+        raise ConfigError("config key 'eval.metrics' asks for label_in_set, but 'eval.labels' is empty")
+    module, _, function = cfg.user_metric.partition(":")
+    if cfg.user_metric and not (module and function):
+        raise ConfigError(f"config key 'eval.user_metric' must look like 'pkg.module:function', got "
+                          f"{cfg.user_metric!r}")
+
+
+def generate_config(overrides: list[str] = ()) -> GenerateConfig:
+    """Decoding settings from `key=value` overrides (`jaxsft generate`), validated."""
+    cfg = _build(GenerateConfig, parse_overrides(list(overrides)), "")
+    validate_generate(cfg)
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:

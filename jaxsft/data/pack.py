@@ -9,12 +9,23 @@ Every batch, packed or not, is a dict of int32 `[rows, seq_len]` arrays:
 
 Because each example is shifted before packing (`render.to_example`), the last token of one
 example never predicts the first token of the next, and attention (which compares segment ids)
-never crosses examples. Packing itself is Grain's best-fit packer.
+never crosses examples.
+
+The packer reads a window of examples (`window_rows * seq_len` tokens), plans its rows (`plan_rows`:
+the better of best-fit decreasing and filling one row at a time with the subset of the remaining
+examples that fills it most, an exact subset sum over their lengths) and emits them in a seeded
+shuffled order. Grain's own best-fit packer closes all its open rows as soon as one example fits
+none of them: on narrow length distributions (the demo: 88-119 tokens into rows of 512) its rows
+are 91.9% non-padding with 32 open rows, 93.1% with 256; this packer's are 97.8%, where no packing
+can pass 98.0%. Its iterator state is the parent's state at the window start plus the number of
+rows already emitted, so a restored iterator rebuilds the same window and gives the same next row.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import bisect
+from collections import Counter, defaultdict
+from typing import Any, Iterable, Sequence
 
 import grain
 import numpy as np
@@ -23,24 +34,194 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 _FEATURES = ("tokens", "targets", "loss_mask")
 
 
-def _to_contract(row: dict) -> dict:
-    # Grain gives segment ids / positions per feature; they agree, so one pair serves all.
-    return {"tokens": row["tokens"], "targets": row["targets"], "loss_mask": row["loss_mask"],
-            "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"]}
+def _fill(counts: dict[int, int], capacity: int) -> dict[int, int]:
+    """How many examples of each length to take so their total is as large as possible but <= capacity.
+
+    Subset sum with bounded multiplicities, as bitsets in Python ints: each length's count is split
+    into chunks of 1, 2, 4, ... examples, and bit `t` of `reach` says total `t` is reachable.
+    """
+    mask = (1 << (capacity + 1)) - 1
+    chunks = []
+    for length in sorted(counts, reverse=True):
+        n, m = counts[length], 1
+        while n > 0:
+            take = min(m, n)
+            chunks.append((length, take))
+            n, m = n - take, m * 2
+    reach, before = 1, []
+    for length, take in chunks:
+        before.append(reach)
+        reach = (reach | (reach << (length * take))) & mask
+        if reach >> capacity:  # a full row: nothing can beat it, the chunks so far make it
+            break
+    total = reach.bit_length() - 1
+    # Walk back from the shortest chunk, leaving a chunk out whenever the total stays reachable
+    # without it: of the best fills, this keeps the one with the longest examples.
+    taken: dict[int, int] = defaultdict(int)
+    for (length, take), reach in zip(reversed(chunks[:len(before)]), reversed(before)):
+        if not (reach >> total) & 1:
+            taken[length] += take
+            total -= length * take
+    return taken
 
 
-def pack(examples: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuffle_bins: bool = True) -> grain.IterDataset:
-    """Best-fit packs a stream of unpacked examples into rows of `seq_len` (batch contract dicts)."""
-    packed = grain.experimental.BestFitPackIterDataset(
-        examples, length_struct={k: seq_len for k in _FEATURES}, num_packing_bins=num_bins,
-        seed=seed, shuffle_bins=shuffle_bins)
-    return packed.map(_to_contract)
+def _fill_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Rows filled one at a time, each with the subset of the remaining examples that fills it most."""
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, length in enumerate(lengths):
+        by_length[int(length)].append(i)
+    counts = Counter({length: len(ids) for length, ids in by_length.items()})
+    taken_so_far: dict[int, int] = defaultdict(int)
+    rows = []
+    while counts:
+        row = []
+        for length, n in _fill(counts, seq_len).items():
+            start = taken_so_far[length]
+            row += by_length[length][start:start + n]
+            taken_so_far[length] += n
+            counts[length] -= n
+            if not counts[length]:
+                del counts[length]
+        rows.append(row)
+    return rows
 
 
-def pack_list(examples: Iterable[dict], seq_len: int, num_bins: int = 8) -> list[dict]:
-    """Packs a finite list of examples in order (for evaluation, inspection and tests)."""
-    ds = grain.MapDataset.source(list(examples)).to_iter_dataset()
-    return list(pack(ds, seq_len, num_bins, seed=0, shuffle_bins=False))
+def _best_fit_decreasing(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Longest example first, each into the open row it leaves least room in."""
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    rows: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = bisect.bisect_left(free, (int(lengths[i]), -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        bisect.insort(free, (room - int(lengths[i]), r))
+    return rows
+
+
+def plan_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Groups example indices into as few rows of at most `seq_len` tokens as it can.
+
+    Two plans, keeping the one with fewer rows: filling each row in turn with the best subset (near
+    optimal on narrow length distributions, where best-fit decreasing leaves a gap in every row), and
+    best-fit decreasing (near optimal on wide ones). Within a row, indices keep their input order.
+    Every length must be in `1..seq_len`.
+    """
+    plan = _best_fit_decreasing(lengths, seq_len)
+    if len(plan) > -(-sum(lengths) // seq_len):  # not yet as few rows as the tokens need
+        plan = min(plan, _fill_rows(lengths, seq_len), key=len)
+    return [sorted(row) for row in plan]
+
+
+def build_row(examples: Sequence[dict], seq_len: int) -> dict:
+    """One batch-contract row of `seq_len` from the examples that go in it (padding after them)."""
+    row = {k: np.zeros(seq_len, np.int32) for k in BATCH_KEYS}
+    at = 0
+    for segment, ex in enumerate(examples, start=1):
+        n = len(ex["tokens"])
+        for k in _FEATURES:
+            row[k][at:at + n] = ex[k]
+        row["segment_ids"][at:at + n] = segment
+        row["positions"][at:at + n] = np.arange(n, dtype=np.int32)
+        at += n
+    return row
+
+
+class _PackIterator(grain.DatasetIterator):
+    """Reads a window of examples, plans its rows, emits them one by one; see the module docstring."""
+
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, window_rows: int, seed: int, shuffle: bool):
+        super().__init__(parent)
+        self._seq_len, self._window_rows, self._seed, self._shuffle = seq_len, window_rows, seed, shuffle
+        self._window = 0
+        self._window_start = self._parent.get_state()
+        self._examples: list[dict] = []
+        self._plan: list[list[int]] | None = None  # None: (re)read and plan the current window first
+        self._next = 0
+
+    def _read_window(self) -> None:
+        examples, tokens = [], 0
+        while tokens < self._window_rows * self._seq_len:
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                break
+            examples.append(ex)
+            tokens += len(ex["tokens"])
+        plan = plan_rows([len(ex["tokens"]) for ex in examples], self._seq_len)
+        if self._shuffle:  # fullest rows come first: spread them over the window's batches
+            order = np.random.default_rng([self._seed, self._window]).permutation(len(plan))
+            plan = [plan[i] for i in order]
+        self._examples, self._plan = examples, plan
+
+    def __next__(self) -> dict:
+        if self._plan is None:
+            self._read_window()
+        while self._next >= len(self._plan):
+            if not self._plan:
+                raise StopIteration
+            self._window += 1
+            self._window_start = self._parent.get_state()
+            self._next = 0
+            self._read_window()
+        # Rows are built as they are taken: a window's rows at once would be large for long rows.
+        row = build_row([self._examples[i] for i in self._plan[self._next]], self._seq_len)
+        self._next += 1
+        return row
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._window_start, "window": self._window, "next_row": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._window_start = state["parent"]
+        self._window, self._next = state["window"], state["next_row"]
+        self._plan = None
+
+
+class PackIterDataset(grain.IterDataset):
+    """Best-fit packs a stream of unpacked examples into batch-contract rows of `seq_len`."""
+
+    def __init__(self, parent: grain.IterDataset, seq_len: int, window_rows: int, seed: int, shuffle: bool = True):
+        super().__init__(parent)
+        self._seq_len, self._window_rows, self._seed, self._shuffle = seq_len, window_rows, seed, shuffle
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PackIterator(self._parent.__iter__(), self._seq_len, self._window_rows, self._seed, self._shuffle)
+
+    def __str__(self) -> str:
+        return f"PackIterDataset(seq_len={self._seq_len}, window_rows={self._window_rows})"
+
+
+def pack(examples: grain.IterDataset, seq_len: int, window_rows: int, seed: int,
+         shuffle: bool = True) -> grain.IterDataset:
+    """Packs a stream of unpacked examples into rows of `seq_len` (batch contract dicts)."""
+    return PackIterDataset(examples, seq_len, window_rows, seed, shuffle)
+
+
+def pack_list(examples: Iterable[dict], seq_len: int) -> list[dict]:
+    """Packs a finite list of examples as one window, rows fullest first (evaluation, inspection, tests)."""
+    examples = list(examples)
+    return [build_row([examples[i] for i in row], seq_len)
+            for row in plan_rows([len(ex["tokens"]) for ex in examples], seq_len)]
+
+
+def packing_efficiency(lengths: Sequence[int], seq_len: int, window_rows: int) -> tuple[float, int]:
+    """`(non-padding fraction, rows)` of packing examples of these lengths, in this order, as the
+    pipeline packs them (window by window)."""
+    rows, total, start = 0, 0, 0
+    lengths = [int(n) for n in lengths]
+    while start < len(lengths):
+        end, tokens = start, 0
+        while end < len(lengths) and tokens < window_rows * seq_len:
+            tokens += lengths[end]
+            end += 1
+        rows += len(plan_rows(lengths[start:end], seq_len))
+        total, start = total + tokens, end
+    return (total / (rows * seq_len) if rows else 0.0), rows
 
 
 def pad_row(seq_len: int) -> dict:

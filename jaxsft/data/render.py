@@ -1,77 +1,292 @@
 """Render a record with the model's chat template and mark the tokens to train.
 
-For `{"prompt", "completion"}` the prompt is the user turn and the completion the assistant turn.
-The prompt is rendered alone (with the generation prompt, exactly what the model sees at inference)
-and tokenized; the rest of the full rendering is tokenized after it. The loss mask is 1 on that
-rest (the completion and the end-of-turn token closing it), and 0 on anything the template adds
-after the end-of-turn token (such as a trailing newline). Without a chat template the example is
-`prompt + completion + eos`, with the completion and eos trained.
+Records come in four shapes (`data.schema`, or `auto`: by the fields present; `data.fields` maps
+other field names onto these):
+  prompt/completion  strings (the prompt is the user turn, the completion the assistant turn) or
+                     message lists; the completion is trained
+  messages           a conversation (optional system message, tool calls, a `tools` column);
+                     every assistant turn is trained
+  text               plain language modelling: every token is trained
+
+The trained tokens are found without `{% generation %}` markers, with any chat template: for each
+trained turn the conversation up to it is rendered alone (with the generation prompt: exactly what
+the model sees before it answers) and the conversation up to its end is rendered; the trained
+tokens are the difference, i.e. the turn's content and everything the template closes it with (the
+end-of-turn token and, for example, ChatML's newline after it), which is also what TRL's
+`completion_only_loss` trains. Each rendered prefix must tokenize to a prefix of the whole
+conversation's tokens, or the record is refused with a `DataError` naming it.
+
+Without a chat template, prompt/completion is `prompt + completion + eos` (the tokenizer's special
+tokens, such as bos, before the prompt) with the completion and eos trained, and text is
+`text + eos`.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
-from jaxsft.errors import DataError
+from jaxsft.config import DataConfig, FieldsConfig
+from jaxsft.data.tokens import Tokens, Whole
+from jaxsft.errors import DataError, ModelError
 
+ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's speaker names
+
+try:  # what apply_chat_template renders with, minus its per-call argument handling
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    from transformers.utils.chat_template_utils import render_jinja_template as _render_jinja_template
+except ImportError:  # pragma: no cover - older or newer transformers: fall back to the public API
+    _render_jinja_template = None
+
+
+def load_tokenizer(path: str):
+    """The model directory's tokenizer, with a clear error when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ModelError(f"{path}: could not load the tokenizer ({e.__class__.__name__}: {first_line})") from None
+
+
+# --- records -> one canonical form -------------------------------------------------------------
+
+def _field(record: dict, name: str, where: str):
+    if name not in record:
+        fields = ", ".join(k for k in record if k != "_where") or "nothing"
+        raise DataError(f"{where}: record has no '{name}' field (it has: {fields})")
+    return record[name]
+
+
+def _messages(value, fields: FieldsConfig, where: str, name: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: '{name}' must be a non-empty list of messages, got {type(value).__name__}")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: '{name}'[{i}] must be a message object, got {type(message).__name__}")
+        role = message.get(fields.role)
+        if not isinstance(role, str):
+            raise DataError(f"{where}: '{name}'[{i}] has no string '{fields.role}' (the speaker's role)")
+        content = message.get(fields.content)
+        if content is not None and not isinstance(content, (str, list)):
+            raise DataError(f"{where}: '{name}'[{i}].{fields.content} must be a string, got {type(content).__name__}")
+        # Arrow-backed datasets give every message every key (None where absent): keep only real ones,
+        # since templates test for keys such as `tool_calls` (apply_chat_template drops them too).
+        extra = {k: v for k, v in message.items() if k not in (fields.role, fields.content) and v is not None}
+        out.append({"role": ROLE_ALIASES.get(role, role), **({"content": content} if content is not None else {}),
+                    **extra})
+    return out
+
+
+def _as_messages(value, role: str, fields: FieldsConfig, where: str, name: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _messages(value, fields, where, name)
+
+
+def _tools(record: dict, fields: FieldsConfig, where: str):
+    tools = record.get(fields.tools)
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: '{fields.tools}' is a string but not JSON ({e.msg})") from None
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(f"{where}: '{fields.tools}' must be a list of tool definitions, got {type(tools).__name__}")
+    return tools or None
+
+
+def _blank(content) -> bool:
+    return content is None or (isinstance(content, str) and not content.strip())
+
+
+def normalize(record: dict, schema: str = "auto", fields: FieldsConfig = FieldsConfig()) -> dict:
+    """The record as `{"kind": "prompt_completion" | "messages" | "text", ...}`, checked; errors name `_where`."""
+    where = record.get("_where", "record")
+    if schema == "auto":
+        if fields.messages in record:
+            schema = "messages"
+        elif fields.prompt in record or fields.completion in record:
+            schema = "prompt_completion"
+        elif fields.text in record:
+            schema = "text"
+        else:
+            have = ", ".join(k for k in record if k != "_where") or "nothing"
+            raise DataError(f"{where}: record has none of the fields '{fields.prompt}'/'{fields.completion}', "
+                            f"'{fields.messages}' or '{fields.text}' (it has: {have}); map yours with data.fields")
+    if schema == "text":
+        text = _field(record, fields.text, where)
+        if not isinstance(text, str):
+            raise DataError(f"{where}: '{fields.text}' must be a string, got {type(text).__name__}")
+        return {"kind": "text", "text": text, "blank": not text.strip()}
+    if schema == "messages":
+        messages = _messages(_field(record, fields.messages, where), fields, where, fields.messages)
+        blank = all(_blank(m.get("content")) and not m.get("tool_calls") for m in messages if m["role"] == "assistant")
+        return {"kind": "messages", "messages": messages, "tools": _tools(record, fields, where), "blank": blank}
+    prompt, completion = _field(record, fields.prompt, where), _field(record, fields.completion, where)
+    for name, value in ((fields.prompt, prompt), (fields.completion, completion)):
+        if not isinstance(value, (str, list)):
+            raise DataError(f"{where}: '{name}' must be a string or a list of messages, got {type(value).__name__}")
+    extra = record.get(fields.input) if fields.input else None
+    if isinstance(extra, str) and extra.strip():
+        if not isinstance(prompt, str):
+            raise DataError(f"{where}: '{fields.input}' can only extend a string '{fields.prompt}'")
+        prompt = f"{prompt}\n\n{extra}"
+    system = record.get(fields.system)
+    blank = _blank(completion) if isinstance(completion, str) else all(
+        _blank(m.get(fields.content)) and not m.get("tool_calls") for m in completion if isinstance(m, dict))
+    return {"kind": "prompt_completion", "prompt": prompt, "completion": completion,
+            "system": system if isinstance(system, str) and system.strip() else None,
+            "tools": _tools(record, fields, where), "blank": blank}
+
+
+# --- rendering ---------------------------------------------------------------------------------
 
 class Renderer:
-    """Turns records into token ids and a trained-token mask with one tokenizer."""
+    """Turns records into token ids and a trained-token mask with one tokenizer and one data config."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, cfg: DataConfig = DataConfig()):
         self.tokenizer = tokenizer
+        self.schema, self.fields, self.train_on_prompt = cfg.schema, cfg.fields, cfg.train_on_prompt
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise DataError("the tokenizer has no eos_token: the model could never learn to stop")
-
-    def _encode(self, text: str, special: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        self.tokens = Tokens(tokenizer)
+        self._templates: dict[bool, str] = {}  # the template to use without / with tools
+        self._special = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ...: template variables
 
     def render(self, record: dict) -> tuple[np.ndarray, np.ndarray]:
-        """`(ids, mask)` for one record: int32 token ids and 1 where the token is trained."""
+        """`(ids, mask)` for one record: int32 token ids and 1 where the token is trained.
+
+        A blank completion (or a conversation whose assistant turns say nothing) gets an all-zero
+        mask: it has nothing to train, which the pipeline treats per `data.empty`.
+        """
         where = record.get("_where", "record")
-        prompt, completion = record["prompt"], record["completion"]
-        if self.has_template:
-            user = [{"role": "user", "content": prompt}]
-            try:
-                prompt_text = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-                full_text = self.tokenizer.apply_chat_template(
-                    user + [{"role": "assistant", "content": completion}], tokenize=False)
-            except Exception as e:  # noqa: BLE001 - template errors come as many exception types
-                raise DataError(f"{where}: the chat template failed to render this record: {e}") from None
-            if not full_text.startswith(prompt_text):
-                raise DataError(f"{where}: the chat template renders the prompt differently alone than before "
-                                f"its completion, so the trained tokens cannot be found")
-            prompt_ids = self._encode(prompt_text, special=False)
-            rest_ids = self._encode(full_text[len(prompt_text):], special=False)
-            mask = [0] * len(prompt_ids) + [1] * len(rest_ids)
-            ids = prompt_ids + rest_ids
-            # Train up to and including the last end-of-turn token, not what the template adds after it.
-            eos_at = [i for i in range(len(prompt_ids), len(ids)) if ids[i] == self.eos_id]
-            if eos_at:
-                for i in range(eos_at[-1] + 1, len(ids)):
-                    mask[i] = 0
+        x = normalize(record, self.schema, self.fields)
+        if x["kind"] == "text":
+            ids = self.tokens.encode(x["text"], special=True) + [self.eos_id]
+            mask = np.ones(len(ids), np.int32)
+        elif self.has_template:
+            ids, mask = self._render_chat(x, where)
+        elif x["kind"] == "messages" or not isinstance(x["prompt"], str) or not isinstance(x["completion"], str):
+            raise DataError(f"{where}: this record holds messages, but the tokenizer has no chat template to "
+                            f"render them with")
         else:
-            prompt_ids = self._encode(prompt, special=True)
-            completion_ids = self._encode(completion, special=False) + [self.eos_id]
-            ids = prompt_ids + completion_ids
-            mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
-        return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+            prompt = f"{x['system']}\n\n{x['prompt']}" if x["system"] else x["prompt"]
+            prompt_ids = self.tokens.encode(prompt, special=True)
+            ids = prompt_ids + self.tokens.encode(x["completion"]) + [self.eos_id]
+            mask = np.zeros(len(ids), np.int32)
+            mask[len(prompt_ids):] = 1
+        if self.train_on_prompt:
+            mask[:] = 1
+        if x["blank"]:
+            mask[:] = 0
+        return np.asarray(ids, np.int32), mask
+
+    def _apply(self, messages: list[dict], tools, generation_prompt: bool, where: str) -> str:
+        """What `apply_chat_template(..., tokenize=False)` renders, at a fraction of its per-call cost.
+
+        Plain conversations (role and string content only, no tools) go straight to the compiled
+        template, with the variables apply_chat_template gives it; others through the function
+        apply_chat_template renders with (which also converts and aliases message fields).
+        """
+        try:
+            if _render_jinja_template is None:
+                return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                          add_generation_prompt=generation_prompt)
+            with_tools = tools is not None
+            if with_tools not in self._templates:
+                self._templates[with_tools] = self.tokenizer.get_chat_template(None, tools)
+            template = self._templates[with_tools]
+            if not with_tools and all(m.keys() <= {"role", "content"} and isinstance(m.get("content"), str)
+                                      for m in messages):
+                return _compile_jinja_template(template).render(
+                    messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt,
+                    **self._special)
+            (text,), _ = _render_jinja_template(conversations=[messages], tools=tools, chat_template=template,
+                                                add_generation_prompt=generation_prompt, **self._special)
+            return text
+        except Exception as e:  # noqa: BLE001 - template errors come as many exception types
+            raise DataError(f"{where}: the chat template failed to render this record: {e}") from None
+
+    def _render_chat(self, x: dict, where: str) -> tuple[list[int], np.ndarray]:
+        tools = x["tools"]
+        if x["kind"] == "messages":
+            messages = x["messages"]
+            # Each assistant turn: from the end of the conversation before it (with the generation
+            # prompt) to the end of the conversation through it.
+            spans = [(i, i + 1) for i, m in enumerate(messages) if m["role"] == "assistant"]
+        else:
+            system = [{"role": "system", "content": x["system"]}] if x["system"] else []
+            prompt = system + _as_messages(x["prompt"], "user", self.fields, where, self.fields.prompt)
+            completion = _as_messages(x["completion"], "assistant", self.fields, where, self.fields.completion)
+            messages = prompt + completion
+            spans = [(len(prompt), len(messages))]
+        whole = self.tokens.whole(self._apply(messages, tools, False, where))
+        mask = np.zeros(len(whole.ids), np.int32)
+        for start, end in spans:
+            a = self._prefix_len(messages[:start], tools, True, whole, where)
+            b = len(whole.ids) if end == len(messages) else self._prefix_len(messages[:end], tools, False, whole, where)
+            mask[a:b] = 1
+        return whole.ids, mask
+
+    def _prefix_len(self, messages: list[dict], tools, generation_prompt: bool, whole: Whole, where: str) -> int:
+        """How many of the conversation's tokens the rendering of its first messages covers."""
+        text, full_text = self._apply(messages, tools, generation_prompt, where), whole.text
+        if not full_text.startswith(text):
+            raise DataError(
+                f"{where}: the chat template renders the first {len(messages)} message(s) differently alone "
+                f"than inside the whole conversation, so the trained tokens cannot be found "
+                f"(alone it ends {text[-40:]!r})")
+        n = self.tokens.prefix_len(whole, text)
+        if n is None:
+            raise DataError(
+                f"{where}: the tokens of the rendered first {len(messages)} message(s) are not a prefix of the "
+                f"whole conversation's tokens (the text at the boundary, {text[-20:]!r} + "
+                f"{full_text[len(text):len(text) + 20]!r}, tokenizes differently), so the trained tokens cannot "
+                f"be found")
+        return n
 
 
-def to_example(ids: np.ndarray, mask: np.ndarray, seq_len: int, overlong: str) -> dict | None:
-    """Shifts `(ids, mask)` into one unpacked example of the batch contract's per-token fields.
+# --- one unpacked example ----------------------------------------------------------------------
 
-    `tokens[i]` is the input and `targets[i]` the next token; `loss_mask[i]` says whether that
-    target is trained. Returns None when the example must be dropped (too long with
-    `overlong="drop"`, or nothing left to train after truncation).
+def nothing_to_train(where: str) -> DataError:
+    """The error for an example without trained tokens (with `data.empty=error`)."""
+    return DataError(f"{where}: the example has no trained tokens (a blank completion, or no assistant turn); "
+                     f"set data.empty=drop to drop such records")
+
+
+KEPT, TRUNCATED, OVERLONG, EMPTY = "kept", "truncated", "overlong", "empty"
+
+
+def fit(ids: np.ndarray, mask: np.ndarray, seq_len: int,
+        overlong: str) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """Applies the length policy: `(ids, mask, status)` with at most `seq_len + 1` ids (`seq_len` targets).
+
+    Status `kept` or `truncated` with the arrays; `overlong` (too long with `overlong="drop"`, or
+    nothing trained left after truncation) or `empty` (nothing trained at all) with Nones. The mask
+    of the first id never counts: it is no token's target.
     """
-    tokens, targets, loss_mask = ids[:-1], ids[1:], mask[1:]
-    if len(tokens) > seq_len:
-        if overlong == "drop":
-            return None
-        tokens, targets, loss_mask = tokens[:seq_len], targets[:seq_len], loss_mask[:seq_len]
-    if not loss_mask.any():
-        return None
-    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
+    if not mask[1:].any():
+        return None, None, EMPTY
+    if len(ids) - 1 <= seq_len:
+        return ids, mask, KEPT
+    if overlong == "drop" or not mask[1:seq_len + 1].any():
+        return None, None, OVERLONG
+    return ids[:seq_len + 1], mask[:seq_len + 1], TRUNCATED
+
+
+def shift(ids: np.ndarray, mask: np.ndarray) -> dict:
+    """One unpacked example of the batch contract's per-token fields: `tokens[i]` is the input,
+    `targets[i]` the next token, `loss_mask[i]` whether that target is trained."""
+    return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+
+
+def to_example(ids: np.ndarray, mask: np.ndarray, seq_len: int, overlong: str) -> tuple[dict | None, str]:
+    """`fit` then `shift`: `(example or None, status)`."""
+    ids, mask, status = fit(ids, mask, seq_len, overlong)
+    return (shift(ids, mask) if ids is not None else None), status

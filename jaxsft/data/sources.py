@@ -1,12 +1,22 @@
-"""Records from JSONL files, read lazily by index, checked once up front.
+"""Records from data files, read lazily by index: JSONL (plain or gzip), Parquet, Hugging Face datasets.
 
-`JsonlSource` indexes the byte offset of every line (one pass, which also validates each record),
-then serves records by index as Grain's random-access source. A bad record raises `DataError`
-naming the file and line, before any training starts.
+Every reader is a random-access source (`__len__`, `__getitem__`, as Grain's sources) that returns records as
+plain dicts with a `_where` key (`file:line` for JSONL, `file row N` for Parquet and Hugging Face
+datasets), so a bad record anywhere later on is reported with its place.
+
+  *.jsonl, *.json (JSON lines)  byte offset of every non-blank line indexed once; records read
+                                with `pread` and checked as they are read
+  *.jsonl.gz, *.json.gz         decompressed into memory once, then the same
+  *.parquet                     the table held in memory (Arrow, columnar); rows converted on access
+  a directory                   a `datasets.Dataset.save_to_disk` directory, memory-mapped
+
+`open_source(specs)` expands globs and concatenates the files of several specs into one source.
 """
 
 from __future__ import annotations
 
+import glob
+import gzip
 import json
 import os
 from pathlib import Path
@@ -16,78 +26,197 @@ import numpy as np
 
 from jaxsft.errors import DataError
 
-REQUIRED_FIELDS = ("prompt", "completion")
+JSONL_SUFFIXES = (".jsonl", ".json")
+SUFFIXES = "JSON lines (.jsonl, .json, optionally .gz), Parquet (.parquet) or a Hugging Face save_to_disk directory"
 
 
-def check_record(record, where: str) -> dict:
-    """Validates one `{"prompt", "completion"}` record; `where` is `file:line` for the message."""
+def _json_object(raw: bytes, where: str) -> dict:
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        hint = "; a JSON array is not read: write one record per line" if raw.lstrip().startswith(b"[") else ""
+        raise DataError(f"{where}: not valid JSON ({e.msg if hasattr(e, 'msg') else e}){hint}") from None
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(record).__name__}")
-    for field in REQUIRED_FIELDS:
-        if field not in record:
-            raise DataError(f"{where}: record has no '{field}' field (it has: {', '.join(record) or 'nothing'})")
-        if not isinstance(record[field], str):
-            raise DataError(f"{where}: '{field}' must be a string, got {type(record[field]).__name__}")
-    if not record["completion"].strip():
-        raise DataError(f"{where}: 'completion' is empty, so the record has nothing to train on")
+        raise DataError(f"{where}: expected a JSON object (one record per line), got {type(record).__name__}")
     return record
 
 
 class JsonlSource:
-    """Random-access records from one or more JSONL files (Grain `RandomAccessDataSource` protocol)."""
+    """Records of one JSON-lines file, plain or gzip-compressed (`.gz`: held decompressed in memory)."""
 
-    def __init__(self, paths: Sequence[str | Path]):
-        if not paths:
-            raise DataError("no data files given (config key 'data.train')")
-        self.paths = [Path(p) for p in paths]
-        file_ids, offsets, sizes, lines = [], [], [], []
-        for fid, path in enumerate(self.paths):
-            if not path.is_file():
-                raise DataError(f"data file not found: {path}")
-            with path.open("rb") as f:
-                offset = 0
-                for line_no, raw in enumerate(f, start=1):
-                    if raw.strip():
-                        where = f"{path}:{line_no}"
-                        try:
-                            record = json.loads(raw)
-                        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                            raise DataError(f"{where}: not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-                        check_record(record, where)
-                        file_ids.append(fid)
-                        offsets.append(offset)
-                        sizes.append(len(raw))
-                        lines.append(line_no)
-                    offset += len(raw)
-            if not file_ids or file_ids[-1] != fid:
-                raise DataError(f"{path}: the file holds no records")
-        self._file_ids = np.asarray(file_ids, np.int32)
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._buffer = None  # the decompressed bytes of a .gz file
+        if self.path.suffix == ".gz":
+            try:
+                self._buffer = gzip.decompress(self.path.read_bytes())
+            except (OSError, EOFError) as e:
+                raise DataError(f"{self.path}: not a readable gzip file ({e})") from None
+            offsets, sizes, line_numbers = self._index(self._buffer.splitlines(keepends=True))
+        else:
+            with self.path.open("rb") as f:
+                offsets, sizes, line_numbers = self._index(f)
+        if not offsets:
+            raise DataError(f"{self.path}: the file holds no records")
         self._offsets = np.asarray(offsets, np.int64)
         self._sizes = np.asarray(sizes, np.int64)
-        self._lines = np.asarray(lines, np.int64)
-        self._fds: dict[int, int] = {}
+        self._lines = np.asarray(line_numbers, np.int64)
+        self._fd: int | None = None
+
+    def _index(self, lines) -> tuple[list[int], list[int], list[int]]:
+        offsets, sizes, line_numbers = [], [], []
+        offset = 0
+        for line_no, raw in enumerate(lines, start=1):
+            if raw.strip():
+                offsets.append(offset)
+                sizes.append(len(raw))
+                line_numbers.append(line_no)
+            offset += len(raw)
+        return offsets, sizes, line_numbers
 
     def __len__(self) -> int:
         return len(self._offsets)
 
     def where(self, index: int) -> str:
-        """`file:line` of record `index`, for messages."""
-        return f"{self.paths[self._file_ids[index]]}:{self._lines[index]}"
+        """`file:line` of record `index`."""
+        return f"{self.path}:{self._lines[index]}"
+
+    def _raw(self, index: int) -> bytes:
+        start, size = int(self._offsets[index]), int(self._sizes[index])
+        if self._buffer is not None:
+            return self._buffer[start:start + size]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        # pread: no shared file position, so Grain's reader threads may call this concurrently.
+        return os.pread(self._fd, size, start)
 
     def __getitem__(self, index: int) -> dict:
-        fid = int(self._file_ids[index])
-        fd = self._fds.get(fid)
-        if fd is None:
-            fd = self._fds[fid] = os.open(self.paths[fid], os.O_RDONLY)
-        # pread: no shared file position, so Grain's reader threads may call this concurrently.
-        record = json.loads(os.pread(fd, int(self._sizes[index]), int(self._offsets[index])))
+        where = self.where(index)
+        record = _json_object(self._raw(index), where)
+        record["_where"] = where
+        return record
+
+    def __getstate__(self):  # an open file descriptor does not travel to worker processes
+        return self.__dict__ | {"_fd": None}
+
+
+class ParquetSource:
+    """Records (rows) of one Parquet file, the table held in memory."""
+
+    def __init__(self, path: str | Path):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        try:
+            self._table = pq.read_table(self.path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+            raise DataError(f"{self.path}: not a readable Parquet file ({e})") from None
+        if not len(self._table):
+            raise DataError(f"{self.path}: the file holds no records")
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def where(self, index: int) -> str:
+        """`file row N` of record `index` (rows count from 0)."""
+        return f"{self.path} row {index}"
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._table.slice(index, 1).to_pylist()[0]
         record["_where"] = self.where(index)
         return record
 
-    def __getstate__(self):  # open file descriptors do not travel to worker processes
-        state = dict(self.__dict__)
-        state["_fds"] = {}
-        return state
+
+class HfDiskSource:
+    """Records of a Hugging Face dataset saved with `Dataset.save_to_disk` (memory-mapped Arrow)."""
+
+    def __init__(self, path: str | Path):
+        import datasets
+
+        self.path = Path(path)
+        if (self.path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in self.path.iterdir() if p.is_dir())
+            raise DataError(f"{self.path}: a DatasetDict with splits {', '.join(splits)}; name one split's "
+                            f"directory, e.g. {self.path / (splits[0] if splits else 'train')}")
+        try:
+            self._ds = datasets.load_from_disk(str(self.path))
+        except Exception as e:  # noqa: BLE001 - datasets raises several types for unreadable directories
+            raise DataError(f"{self.path}: not a Hugging Face dataset saved with save_to_disk ({e})") from None
+        if not len(self._ds):
+            raise DataError(f"{self.path}: the dataset holds no records")
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def where(self, index: int) -> str:
+        """`directory row N` of record `index` (rows count from 0)."""
+        return f"{self.path} row {index}"
+
+    def __getitem__(self, index: int) -> dict:
+        record = dict(self._ds[int(index)])
+        record["_where"] = self.where(index)
+        return record
+
+
+def _open_file(path: Path):
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return HfDiskSource(path)
+        raise DataError(f"{path}: a directory that is not a Hugging Face save_to_disk dataset")
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    name = path.name.removesuffix(".gz")
+    if name.endswith(JSONL_SUFFIXES):
+        return JsonlSource(path)
+    if name.endswith(".parquet") and not path.name.endswith(".gz"):
+        return ParquetSource(path)
+    raise DataError(f"{path}: unknown data format; expected {SUFFIXES}")
+
+
+def expand(spec: str, key: str = "data.train") -> list[Path]:
+    """The files a path or glob names (sorted); an error names the spec when it names nothing."""
+    if glob.has_magic(spec):
+        paths = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+        if not paths:
+            raise DataError(f"config key '{key}': '{spec}' matches no files")
+        return paths
+    return [Path(spec)]
+
+
+class ConcatSource:
+    """Several sources read as one, record indices running through them in order."""
+
+    def __init__(self, sources: Sequence):
+        self.sources = list(sources)
+        self._starts = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _locate(self, index: int) -> tuple[object, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        k = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.sources[k], index - int(self._starts[k])
+
+    def where(self, index: int) -> str:
+        """Where record `index` lives (`file:line` or `file row N`)."""
+        source, i = self._locate(index)
+        return source.where(i)
+
+    def __getitem__(self, index: int) -> dict:
+        source, i = self._locate(int(index))
+        return source[i]
+
+    def __str__(self) -> str:
+        return ", ".join(str(s.path) for s in self.sources)
 
     def __repr__(self) -> str:
-        return f"JsonlSource({[str(p) for p in self.paths]}, records={len(self)})"
+        return f"ConcatSource({[str(s.path) for s in self.sources]}, records={len(self)})"
+
+
+def open_source(specs: Sequence[str | Path], key: str = "data.train") -> ConcatSource:
+    """One random-access source over every file the specs (paths, globs, directories) name."""
+    if not specs:
+        raise DataError(f"no data files given (config key '{key}')")
+    return ConcatSource([_open_file(p) for spec in specs for p in expand(str(spec), key)])

@@ -1,0 +1,115 @@
+"""Render every record once, before training: checks, counts, and the tokens held in memory.
+
+`prepare` reads a process's share of each source, renders and masks every record, applies the
+length and empty-example policies, and keeps the surviving examples as flat token and mask arrays
+(5 bytes a token). A bad record therefore stops the run before its first step, with its file and
+line; the counts people need (kept, truncated, dropped, trained tokens) are exact, not estimated;
+and the Grain pipeline after it only orders and packs, so templates and tokenization run once a
+run rather than once an epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from jaxsft.config import DataConfig
+from jaxsft.data.render import EMPTY, OVERLONG, TRUNCATED, Renderer, fit, nothing_to_train, shift
+
+
+class ExampleStore:
+    """Rendered examples in memory (a Grain random-access source of unpacked examples)."""
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray, where: list[str]):
+        self._ids, self._mask, self._offsets, self._where = ids, mask, offsets, where
+
+    @classmethod
+    def build(cls, pieces: list[tuple[np.ndarray, np.ndarray, str]]) -> "ExampleStore":
+        """From `(ids, mask, where)` per example."""
+        offsets = np.cumsum([0] + [len(ids) for ids, _, _ in pieces]).astype(np.int64)
+        ids = np.concatenate([p[0] for p in pieces]).astype(np.int32) if pieces else np.zeros(0, np.int32)
+        mask = np.concatenate([p[1] for p in pieces]).astype(np.uint8) if pieces else np.zeros(0, np.uint8)
+        return cls(ids, mask, offsets, [p[2] for p in pieces])
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        """Tokens (= targets) of each example."""
+        return np.diff(self._offsets) - 1
+
+    def where(self, index: int) -> str:
+        """The record an example came from (`file:line` or `file row N`)."""
+        return self._where[index]
+
+    def ids_and_mask(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The example's unshifted token ids and per-token trained mask."""
+        a, b = self._offsets[index], self._offsets[index + 1]
+        return self._ids[a:b], self._mask[a:b].astype(np.int32)
+
+    def __getitem__(self, index: int) -> dict:
+        return shift(*self.ids_and_mask(int(index)))
+
+
+@dataclasses.dataclass
+class DataStats:
+    """What one pass over a process's records found."""
+
+    records: int = 0
+    kept: int = 0  # including truncated
+    truncated: int = 0
+    overlong: int = 0  # dropped: too long (overlong=drop), or nothing trained left after truncation
+    empty: int = 0  # dropped: nothing trained (empty=drop)
+    tokens: int = 0  # tokens of the kept examples, as packed (after truncation)
+    trained: int = 0  # trained targets among them
+    lengths: list = dataclasses.field(default_factory=list)  # each record's rendered length (targets), untruncated
+    efficiency: float = 0.0  # non-padding fraction of the packed rows of one epoch
+    rows: int = 0  # packed rows of one epoch
+
+    def summary(self, seq_len: int, name: str = "data", epoch: str = "") -> list[str]:
+        """Console lines: counts, tokens, packing (`epoch` is added after the rows of an epoch)."""
+        frac = self.trained / max(self.tokens, 1)
+        return [f"{name}: {self.records:,} records | kept {self.kept:,} ({self.truncated:,} truncated to "
+                f"{seq_len}) | dropped {self.overlong:,} too long, {self.empty:,} with nothing to train",
+                f"{name}: {self.tokens:,} tokens, {self.trained:,} trained ({frac:.1%}) | one epoch packs into "
+                f"{self.rows:,} rows of {seq_len}{epoch} | packing efficiency {self.efficiency:.2%} (non-padding)"]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A process's examples, one store per source, and what preparing them found."""
+
+    stores: list[ExampleStore]
+    stats: DataStats
+
+
+def prepare(cfg: DataConfig, tokenizer, components: Sequence, *, process_index: int = 0,
+            process_count: int = 1) -> Prepared:
+    """Renders every record of this process's share of each source (see the module docstring)."""
+    renderer = Renderer(tokenizer, cfg)
+    stats = DataStats()
+    stores = []
+    for source in components:
+        pieces = []
+        # This process's share: every `process_count`-th record, from `process_index`.
+        for i in range(process_index, len(source), process_count):
+            record = source[i]
+            ids, mask = renderer.render(record)
+            kept_ids, kept_mask, status = fit(ids, mask, cfg.seq_len, cfg.overlong)
+            stats.records += 1
+            stats.lengths.append(len(ids) - 1)
+            if kept_ids is None:
+                if status == EMPTY and cfg.empty == "error":
+                    raise nothing_to_train(record["_where"])
+                stats.overlong += status == OVERLONG
+                stats.empty += status == EMPTY
+                continue
+            stats.kept += 1
+            stats.truncated += status == TRUNCATED
+            stats.tokens += len(kept_ids) - 1
+            stats.trained += int(kept_mask[1:].sum())
+            pieces.append((kept_ids, kept_mask, record["_where"]))
+        stores.append(ExampleStore.build(pieces))
+    return Prepared(stores, stats)
