@@ -1,23 +1,41 @@
-"""Orbax checkpoints: train state (params, optimizer state, step) and the data iterator, together.
+"""Orbax checkpoints: the train state, the data iterator and the config, saved together.
 
-One checkpoint per saved step under `RUN_DIR/checkpoints/<step>/`, with two items:
-  state  the train-state pytree, sharded arrays written by every process
-  data   the Grain iterator state (one small JSON file per process)
-Orbax writes each step into a temporary directory and renames it when complete, so a crash during
-a save never leaves a checkpoint that `latest_step` would pick up.
+One checkpoint per saved step under `RUN_DIR/checkpoints/<step>/`, with three items:
+  state   the train-state pytree (params, optimizer state, step): sharded arrays written by every
+          process; arrays stacked over layers are stored one layer per chunk, so export can read
+          one layer's tensor without the others
+  data    the Grain iterator state (one small JSON file per process)
+  config  the resolved run config (JSON)
+The run holds no random state besides the data order, which the iterator state carries.
+
+Saves are asynchronous: `save` returns once the arrays are copied off the devices, and training
+goes on while a background thread writes them. Orbax writes each step into a temporary directory
+(`<step>.orbax-checkpoint-tmp...`) renamed to `<step>` once every item is complete, so a crash during a
+save never leaves a checkpoint that `latest_step` would pick up; the next start removes the leftovers.
+
+Restoring reshards as it reads: each array is read straight onto the shardings of the target state,
+whatever the mesh that saved it (8 devices `fsdp=8` -> 1 or 2 devices, or the reverse).
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import grain
-from absl import logging as absl_logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import logging as absl_logging
+from etils import epath
+from orbax.checkpoint.checkpoint_managers import LatestN
 
 from jaxsft.config import CheckpointConfig
+
+STATE, DATA, CONFIG = "state", "data", "config"
 
 
 def abstract_like(tree: Any) -> Any:
@@ -29,8 +47,16 @@ def _restore_args(abstract: Any) -> Any:
     return ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
+def _save_args(state: Any) -> Any:
+    """One storage chunk per layer for arrays stacked over layers (a `layers` key in their path)."""
+    def one(path, x):
+        stacked = x.ndim > 0 and any(getattr(k, "key", None) == "layers" for k in path)
+        return ocp.SaveArgs(shard_axes=(0,) if stacked else ())
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
 class Checkpointer:
-    """Saves and restores `(state, data_iterator)` pairs in a run directory."""
+    """Saves and restores `(state, data_iterator, config)` in a run's checkpoint directory."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig | None = None, *, read_only: bool = False):
         cfg = cfg or CheckpointConfig()
@@ -39,8 +65,11 @@ class Checkpointer:
         if read_only:  # Orbax warns that a read-only manager will not save: that is the point here
             absl_logging.set_verbosity(absl_logging.ERROR)
         try:
-            options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=not read_only, read_only=read_only,
-                                                   enable_async_checkpointing=True)
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=None if read_only else LatestN(cfg.keep), create=not read_only,
+                read_only=read_only, enable_async_checkpointing=True,
+                # Temporary directories of saves a crash interrupted: never complete, never needed.
+                cleanup_tmp_directories=not read_only)
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         finally:
             absl_logging.set_verbosity(verbosity)
@@ -49,31 +78,110 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any) -> None:
-        """Starts saving (asynchronously for the arrays); `wait` blocks until it is on disk."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+    def step_dir(self, step: int) -> Path:
+        """The directory of the checkpoint of `step`."""
+        return self.directory / str(step)
+
+    def save(self, step: int, state: Any, data_iterator: Any = None, config: dict | None = None) -> bool:
+        """Starts saving a checkpoint of `step` (the arrays are written in the background; `wait`
+        blocks until it is on disk). Returns False, saving nothing, when `step` is already saved."""
+        if step in self.manager.all_steps():  # e.g. preempted right after a regular save
+            return False
+        items = {STATE: ocp.args.PyTreeSave(state, save_args=_save_args(state))}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items[CONFIG] = ocp.args.JsonSave(config)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, state_like: Any, data_iterator: Any) -> tuple[Any, Any]:
-        """Restores the state onto the shardings of `state_like` (arrays or ShapeDtypeStructs) and
-        sets `data_iterator` to where it was."""
+        """Restores the state onto the shardings of `state_like` (arrays or ShapeDtypeStructs, on any
+        mesh) and sets `data_iterator` to where it was."""
         abstract = abstract_like(state_like)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract)),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        return restored.state, restored.data
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract)),
+            DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+        return restored[STATE], restored[DATA]
 
     def restore_params(self, step: int, params_like: Any) -> Any:
-        """Restores only `state["params"]` (for export): optimizer state is never read."""
+        """Restores only `state["params"]`: the optimizer state is never read."""
         abstract = {"params": params_like}
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract), partial_restore=True)))
-        return restored.state["params"]
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract), partial_restore=True)}))
+        return restored[STATE]["params"]
+
+    def read_config(self, step: int) -> dict | None:
+        """The run config saved with the checkpoint of `step` (None if it has none)."""
+        if not (self.step_dir(step) / CONFIG).is_dir():
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
     def wait(self) -> None:
         """Blocks until every started save is complete."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for the saves in flight, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class SavedArrays:
+    """The arrays of one checkpoint's train state, read slice by slice with TensorStore.
+
+    Nothing goes through a device and only the requested slice is ever in memory: reading layer
+    `i` of a layer-stacked array reads just that layer's chunk. `tree` mirrors the saved state with
+    Orbax `ArrayMetadata` leaves (`shape`, `dtype`).
+    """
+
+    def __init__(self, step_dir: str | Path):
+        state_dir = epath.Path(Path(step_dir).absolute() / STATE)
+        metadata = ocp.PyTreeCheckpointHandler().metadata(state_dir)
+        self.tree = metadata.tree
+        self._zarr3 = bool(metadata.use_zarr3)
+        self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(state_dir)
+        self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
+        self._open: dict[str, ts.TensorStore] = {}
+
+    def read(self, leaf: Any, index: tuple = ()) -> np.ndarray:
+        """`index` (integers and slices, as in numpy) of the saved array that `leaf` describes."""
+        if leaf.name not in self._open:
+            info = ocp.type_handlers.ParamInfo(name=leaf.name, parent_dir=epath.Path(leaf.directory),
+                                               is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._zarr3,
+                                               ts_context=self._context)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
+            self._open[leaf.name] = ts.open(spec, context=self._context, open=True, read=True).result()
+        return np.asarray(self._open[leaf.name][index].read().result())
+
+
+class Preemption:
+    """SIGTERM (the usual preemption notice) becomes "save at the next step boundary and stop".
+
+    With one process a SIGTERM handler sets a flag that `reached` reports. With several, JAX's
+    preemption service (which catches SIGTERM itself) agrees on one step for every process, so
+    they all save the same step. Use as a context manager around the loop: the previous handler
+    is put back on exit.
+    """
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+        self.signalled = False
+        self._previous = None
+
+    def __enter__(self) -> Preemption:
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save `step` and stop (every process gets the same answer)."""
+        if jax.process_count() > 1:
+            return self.checkpointer.manager.reached_preemption(step)
+        return self.signalled
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -15,3 +15,7 @@ class DataError(JaxsftError):
 
 class ModelError(JaxsftError):
     """A model directory is missing, unsupported or inconsistent; the message names the path."""
+
+
+class NonFiniteError(JaxsftError):
+    """Training produced a NaN or infinite loss or gradient norm; the message names the step."""

@@ -1,32 +1,64 @@
 """Checkpoint -> Hugging Face model directory that `transformers` loads unchanged.
 
-Writes `config.json` (the original's, every field kept, dtype updated), `model.safetensors`,
-the tokenizer files with the chat template, and `generation_config.json`. Everything goes into a
-temporary sibling directory that is renamed into place at the end, so an interrupted export never
-leaves a directory that looks complete.
+    jaxsft export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
+
+Writes `config.json` (the original's, every field kept, dtype updated), the weights as safetensors
+(`model.safetensors`, or, above `max_shard_size`, numbered shards listed by
+`model.safetensors.index.json`, split as `save_pretrained` splits them), the tokenizer files with
+the chat template, and `generation_config.json`.
+
+Streamed: tensors are read from the checkpoint's files one Hugging Face tensor at a time (one layer
+of a layer-stacked array; see `checkpoint.SavedArrays`), converted, and appended to the shard being
+written, whose safetensors header (8-byte length, JSON of names, dtypes, shapes and offsets) is
+computed from the shapes beforehand. Host memory is bounded by the largest tensor, not the model,
+and no accelerator is involved. Process 0 reads the checkpoint directory (which Orbax requires every
+process to share) and writes; the other processes only wait, so nothing is gathered between them.
+
+Atomic: everything goes into `.OUT.partial-PID` next to OUT, renamed to OUT at the very end. An
+error removes it, and a later export removes those of processes no longer alive, so an interrupted
+export never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import math
 import os
+import re
 import shutil
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
-from jaxsft.checkpoint import Checkpointer
+from jaxsft.checkpoint import Checkpointer, SavedArrays
 from jaxsft.config import load_config
 from jaxsft.errors import JaxsftError
 from jaxsft.models import DTYPES, abstract_model, args_from_hf_config
-from jaxsft.models.hf_io import iter_hf_tensors
+from jaxsft.models.hf_io import hf_name, hf_shape, to_hf
 
-_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# Export dtype -> (safetensors dtype name, numpy dtype).
+_DTYPES = {"float32": ("F32", np.dtype(np.float32)), "bfloat16": ("BF16", np.dtype(ml_dtypes.bfloat16))}
+# Size units as Hugging Face reads them: KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024.
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+INDEX = "model.safetensors.index.json"
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in a size such as `5GB`, `500MB`, `2GiB` or `1000000`."""
+    if isinstance(size, int) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
+        raise JaxsftError(f"max shard size {size!r} is not a size such as 5GB, 500MB or 2GiB")
+    return max(1, int(float(match.group(1)) * _UNITS[match.group(2).upper()]))
 
 
 def resolve_source(source: str | Path) -> tuple[Path, int]:
@@ -57,30 +89,154 @@ def load_checkpoint(source: str | Path) -> tuple[Path, dict, Any, Any]:
     return run_dir, hf_config, args, params
 
 
-def export(source: str | Path, out: str | Path, dtype: str = "float32") -> Path:
-    """Writes the Hugging Face directory `out` from a run directory or checkpoint; returns `out`."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise JaxsftError(f"export output {out} already exists and is not empty; choose a new directory")
-    run_dir, hf_config, args, params = load_checkpoint(source)
-    hf_files = run_dir / "hf"
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One Hugging Face tensor to write: its name, its shape, and how to read it (checkpoint dtype)."""
 
-    if jax.process_index() != 0:
-        return out
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = dict(iter_hf_tensors(params, args.num_layers, _NP_DTYPES[dtype]))
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    name: str
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+
+
+def _natural(name: str) -> list:
+    """Sort key putting `layers.2` before `layers.10`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _read_hf(arrays: SavedArrays, leaf: Any, index: tuple, kind: str) -> np.ndarray:
+    return to_hf(arrays.read(leaf, index), kind)
+
+
+def hf_tensors(arrays: SavedArrays) -> list[Tensor]:
+    """The Hugging Face tensors of a checkpoint's parameters, by name (so layer by layer)."""
+    tensors = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(arrays.tree["params"])[0]:
+        name, kind = hf_name(tuple(str(getattr(k, "key", k)) for k in path))
+        if "{i}" in name:  # stacked over layers: one tensor per layer, each read on its own
+            tensors += [Tensor(name.format(i=i), hf_shape(kind, tuple(leaf.shape[1:])),
+                               functools.partial(_read_hf, arrays, leaf, (i,), kind)) for i in range(leaf.shape[0])]
+        else:
+            tensors.append(Tensor(name, hf_shape(kind, tuple(leaf.shape)),
+                                  functools.partial(_read_hf, arrays, leaf, (), kind)))
+    return sorted(tensors, key=lambda t: _natural(t.name))
+
+
+def plan_shards(tensors: list[Tensor], itemsize: int, max_bytes: int) -> list[list[Tensor]]:
+    """Consecutive groups of at most `max_bytes` of data (a bigger tensor is a group of its own)."""
+    shards, size = [[]], 0
+    for t in tensors:
+        n = math.prod(t.shape) * itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    return shards
+
+
+def _write_tensor(f, value: np.ndarray) -> None:
+    """Appends one tensor's bytes, in C order, to an open shard file."""
+    f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+
+
+def write_shard(path: Path, tensors: list[Tensor], dtype: str) -> None:
+    """Writes one safetensors file: the header from the shapes first, then each tensor as it is read."""
+    code, np_dtype = _DTYPES[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        n = math.prod(t.shape) * np_dtype.itemsize
+        header[t.name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors:
+            value = t.read().astype(np_dtype, copy=False)
+            if value.shape != t.shape:
+                raise JaxsftError(f"{path}: checkpoint tensor for '{t.name}' has shape {list(value.shape)}, "
+                                  f"expected {list(t.shape)}")
+            _write_tensor(f, value)
+            del value  # before the next read: one tensor in memory at a time
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_weights(out_dir: Path, tensors: list[Tensor], dtype: str, max_bytes: int) -> list[str]:
+    """Writes `model.safetensors`, or shards plus their index when the data exceeds `max_bytes`;
+    returns the file names."""
+    itemsize = _DTYPES[dtype][1].itemsize
+    shards = plan_shards(tensors, itemsize, max_bytes)
+    if len(shards) == 1:
+        write_shard(out_dir / "model.safetensors", shards[0], dtype)
+        return ["model.safetensors"]
+    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        write_shard(out_dir / name, shard, dtype)
+    index = {"metadata": {"total_size": sum(math.prod(t.shape) * itemsize for t in tensors)},
+             "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names + [INDEX]
+
+
+def _write_side_files(out_dir: Path, hf_files: Path, dtype: str) -> None:
+    """`config.json` (every original field, the dtype updated), the tokenizer files and the
+    generation config, from the copies the run kept of the model directory's small files."""
+    hf_config = json.loads((hf_files / "config.json").read_text())
     hf_config["dtype" if "torch_dtype" not in hf_config else "torch_dtype"] = dtype
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     for f in hf_files.iterdir():
         if f.name != "config.json":
-            shutil.copy2(f, tmp / f.name)
-    if not (tmp / "generation_config.json").exists():
+            shutil.copy2(f, out_dir / f.name)
+    if not (out_dir / "generation_config.json").exists():
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+        (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _partial_dir(out: Path, pid: int) -> Path:
+    return out.parent / f".{out.name}.partial-{pid}"
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Removes the partial directories of exports to `out` whose process is gone (killed, crashed)."""
+    for tmp in out.parent.glob(f".{out.name}.partial-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shard_size: str | int = "5GB") -> Path:
+    """Writes the Hugging Face directory `out` from a run directory (its newest checkpoint) or one
+    checkpoint directory; returns `out`. Every process calls it; process 0 writes."""
+    out = Path(out).absolute()
+    if dtype not in _DTYPES:
+        raise JaxsftError(f"export dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise JaxsftError(f"export output {out} already exists and is not empty; choose a new directory")
+    run_dir, step = resolve_source(source)
+    if jax.process_index() == 0:
+        tensors = hf_tensors(SavedArrays(Checkpointer(run_dir / "checkpoints", read_only=True).step_dir(step)))
+        _remove_dead_partials(out)
+        tmp = _partial_dir(out, os.getpid())
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            write_weights(tmp, tensors, dtype, max_bytes)
+            _write_side_files(tmp, run_dir / "hf", dtype)
+            os.replace(tmp, out)  # atomic; an empty `out` directory is replaced
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxsft export done")
     return out

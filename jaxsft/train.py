@@ -3,6 +3,11 @@
 The train state is a plain dict `{"params", "opt_state", "step"}` of (sharded) arrays. The step
 sums the masked cross entropy and its gradient over micro-batches, divides once by the number of
 trained tokens in the whole global batch, and applies AdamW (clipped, scheduled).
+
+The loop resumes from the newest complete checkpoint (bitwise the same run on the same mesh, and
+resharded onto any other), saves asynchronously every `checkpoint.every` steps, saves and returns
+at the next step boundary on SIGTERM, and stops on (or skips, `train.nonfinite`) a step whose loss
+or gradient norm is not finite, never saving non-finite parameters.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from flax import nnx
 from transformers import AutoTokenizer
 
 from jaxsft import flops, parallel
-from jaxsft.checkpoint import Checkpointer
-from jaxsft.config import Config, ModelConfig, OptimizerConfig, dump_config
+from jaxsft.checkpoint import Checkpointer, Preemption, abstract_like
+from jaxsft.config import Config, ModelConfig, OptimizerConfig, dump_config, to_dict
 from jaxsft.data.pipeline import eval_batches, train_dataset
-from jaxsft.errors import ConfigError, ModelError
+from jaxsft.errors import ConfigError, ModelError, NonFiniteError
 from jaxsft.loss import cross_entropy_sums
 from jaxsft.models import from_pretrained
 from jaxsft.monitor import MetricsLog, info
@@ -100,11 +105,14 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
     return model, graphdef, parallel.on_mesh(state, mesh), tx, schedule
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings, loss_chunk: int = 256):
+def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings, loss_chunk: int = 256,
+                    nonfinite: str = "stop"):
     """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed.
 
     The loss is one sum over every trained token of the global batch (all micro-batches, all
     devices) divided once by their count, so the update does not depend on how the batch is split.
+    `metrics["finite"]` says whether the loss and gradient norm were finite; with `nonfinite="skip"`
+    a step where they are not leaves the parameters and optimizer state as they were.
     """
     grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
 
@@ -130,15 +138,44 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardin
                 (loss_sum, n, correct, grads), _ = jax.lax.scan(body, init, micro)
             denom = jnp.maximum(n, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
-            updates, opt_state = tx.update(grads, state["opt_state"], params)
-            new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                         "step": state["step"] + 1}
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+
+            def update(opt_state):
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
+
+            if nonfinite == "skip":  # a NaN update would spread to every parameter and moment: keep them
+                new_params, opt_state = jax.lax.cond(finite, update, lambda o: (params, o), state["opt_state"])
+            else:
+                new_params, opt_state = update(state["opt_state"])
+            new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
             metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "trained_tokens": n,
-                       "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+                       "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
             return new_state, metrics
 
     return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every array of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _updated(step: int, metrics: dict, nonfinite: str) -> bool:
+    """Whether step `step` updated the parameters. A non-finite loss or gradient norm raises
+    `NonFiniteError` with `train.nonfinite: stop`, and is reported and skipped with `skip`."""
+    if bool(metrics["finite"]):
+        return True
+    values = f"loss {float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}"
+    if nonfinite == "stop":
+        raise NonFiniteError(f"step {step}: {values}. The run stops and does not save this step; its newest "
+                             f"checkpoint is from before it. Check the data or lower optimizer.lr, or set "
+                             f"train.nonfinite=skip to skip such updates.")
+    info(f"step {step}: {values}; its update was skipped (train.nonfinite=skip)")
+    return False
 
 
 def make_eval_step(graphdef, mesh, params_shardings, loss_chunk: int = 256):
@@ -210,9 +247,12 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = ckpt.latest_step() or 0
     if start:
-        state, data_iter = ckpt.restore(start, state, data_iter)
+        target = abstract_like(state)
+        jax.tree.map(lambda x: x.delete(), state)  # the restored state replaces the weights just loaded: never hold both
+        state, data_iter = ckpt.restore(start, target, data_iter)
         info(f"resumed from {run_dir / 'checkpoints' / str(start)}")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start)
+    # From scratch (no complete checkpoint), drop every line of a run that died, its step-0 evaluation too.
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if start else -1)
     info(f"jaxsft: {n_params:,} parameters | mesh {dict(mesh.shape)} | global batch {cfg.train.batch_size} x "
          f"{cfg.data.seq_len} | steps {start}->{cfg.train.steps} | run dir {run_dir}")
     if peak:
@@ -220,7 +260,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
              + (" (measured CPU matmul)" if mesh.devices.flat[0].platform == "cpu" and not cfg.train.peak_tflops else ""))
 
     step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings,
-                              cfg.train.loss_chunk)
+                              cfg.train.loss_chunk, nonfinite=cfg.train.nonfinite)
     eval_data = eval_fn = None
     if cfg.data.eval:
         # Put on the devices once: the same held-out batches serve every evaluation.
@@ -234,32 +274,56 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     last: dict = {}
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     t0, steps_since = time.perf_counter(), 0
-    for step in range(start, cfg.train.steps):
-        local = next(data_iter)
-        state, metrics = step_fn(state, parallel.global_batch(local, mesh))
-        steps_since += 1
-        done = step + 1
-        is_last = done == cfg.train.steps
-        record = None
-        if done % cfg.train.log_every == 0 or is_last:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - t0
-            step_s = elapsed / steps_since
-            record = {"step": done, "total_steps": cfg.train.steps, **metrics,
-                      "trained_tokens": int(metrics["trained_tokens"]),
-                      "tokens_per_s": tokens_per_step / step_s, "step_s": step_s}
-            if peak:
-                record["mfu"] = step_flops / step_s / peak
-        if eval_fn is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last):
-            record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data)}
-        if record is not None:
-            log.write(record)
-            last = record
-            t0, steps_since = time.perf_counter(), 0
-        if done % cfg.checkpoint.every == 0 or is_last:
-            ckpt.save(done, state, data_iter)
-    ckpt.close()
-    if cfg.run.export:
+    skipped, unchecked, preempted = 0, None, False
+    try:
+        with Preemption(ckpt) as preemption:
+            for step in range(start, cfg.train.steps):
+                local = next(data_iter)
+                state, metrics = step_fn(state, parallel.global_batch(local, mesh))
+                steps_since += 1
+                done = step + 1
+                is_last = done == cfg.train.steps
+                # The previous step is done (or nearly) by now: checking it does not stall the one just started.
+                if unchecked is not None:
+                    skipped += not _updated(*unchecked, cfg.train.nonfinite)
+                unchecked = (done, metrics)
+                preempted = preemption.reached(done)
+                log_now = done % cfg.train.log_every == 0 or is_last
+                save_now = done % cfg.checkpoint.every == 0 or is_last or preempted
+                if log_now or save_now:
+                    skipped += not _updated(done, metrics, cfg.train.nonfinite)
+                    unchecked = None
+                record = None
+                if log_now:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                    elapsed = time.perf_counter() - t0
+                    step_s = elapsed / steps_since
+                    record = {"step": done, "total_steps": cfg.train.steps, **metrics,
+                              "trained_tokens": int(metrics["trained_tokens"]),
+                              "tokens_per_s": tokens_per_step / step_s, "step_s": step_s}
+                    if peak:
+                        record["mfu"] = step_flops / step_s / peak
+                    if skipped:
+                        record["skipped_steps"] = skipped
+                if eval_fn is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last):
+                    record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data)}
+                if record is not None:
+                    log.write(record)
+                    last = record
+                    t0, steps_since = time.perf_counter(), 0
+                if save_now:
+                    if not all_finite(state["params"]):
+                        raise NonFiniteError(f"step {done}: the parameters hold NaN or infinite values although "
+                                             f"the loss and gradient norm are finite; not saving them. Lower "
+                                             f"optimizer.lr or check the model at model.path.")
+                    ckpt.save(done, state, data_iter, config=to_dict(cfg))
+                if preempted:
+                    info(f"preempted (SIGTERM): saved step {done} in {ckpt.step_dir(done)}; run the same "
+                         f"command to resume")
+                    break
+    finally:
+        ckpt.close()  # a save in flight completes even when the loop raised
+    if cfg.run.export and not preempted:
         from jaxsft.export import export
 
         export(run_dir, cfg.run.export)

@@ -1,7 +1,11 @@
-"""End to end through the CLI: train -> SIGKILL -> resume -> export -> load in transformers."""
+"""End to end through the CLI, in subprocesses: a reference run; the same run killed with SIGKILL at
+three random steps and rerun each time (its metrics equal the reference bit for bit); SIGTERM saves
+the current step and exits 0; export of the run loads in transformers with jaxsft's logits."""
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -16,23 +21,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 from conftest import DEMO_EVAL, DEMO_TRAIN, ROOT
+from jaxsft import cli
+from jaxsft.checkpoint import Checkpointer
 from jaxsft.export import load_checkpoint
 from jaxsft.models import abstract_model
 
-STEPS = 12
+STEPS, EVERY = 12, 2
 
 
-def command(model_dir: Path, run_dir: Path) -> list[str]:
+def command(model_dir: Path, run_dir: Path, every: int = EVERY) -> list[str]:
     return [sys.executable, "-m", "jaxsft.cli", "train", str(ROOT / "configs" / "demo.yaml"),
             f"model.path={model_dir}", f"data.train={DEMO_TRAIN}", f"data.eval={DEMO_EVAL}", "data.seq_len=128",
             f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
-            "checkpoint.every=3", "checkpoint.keep=2", f"run.dir={run_dir}", "run.export=", "mesh.fsdp=1",
+            f"checkpoint.every={every}", "checkpoint.keep=2", f"run.dir={run_dir}", "run.export=", "mesh.fsdp=1",
             "optimizer.warmup_steps=2"]
 
 
-def env() -> dict:
-    # One CPU device in the child processes, whatever the test process uses.
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """One CPU device in the child processes, whatever the test process uses, and a compilation
+    cache they share (each run compiles the same step: only the first pays for it)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -40,36 +51,69 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(x["step"], x["loss"]) for x in lines if "loss" in x]
 
 
-def test_kill_resume_export_load(tmp_path, tiny_llama):
-    # The uninterrupted reference run.
-    ref_dir = tmp_path / "ref"
-    subprocess.run(command(tiny_llama, ref_dir), env=env(), check=True, capture_output=True, timeout=300)
-    reference = losses(ref_dir)
-    assert [s for s, _ in reference] == list(range(1, STEPS + 1))
+def interrupt(cmd: list[str], env: dict, at_step: int, sig: int, delay: float = 0.0) -> tuple[int, str]:
+    """Runs `cmd`, sends `sig` `delay` seconds after it logs step `at_step`; `(returncode, stderr)`."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        match = re.match(r"step (\d+)/", line)
+        if match and int(match.group(1)) >= at_step:
+            time.sleep(delay)
+            proc.send_signal(sig)
+            break
+    seen += proc.stderr.readlines()
+    return proc.wait(timeout=120), "".join(seen)
 
-    # The same run, killed with SIGKILL once its first checkpoint is on disk, then the same command again.
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama, env) -> Path:
+    """The uninterrupted run's directory."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    subprocess.run(command(tiny_llama, run_dir), env=env, check=True, capture_output=True, timeout=300)
+    assert [s for s, _ in losses(run_dir)] == list(range(1, STEPS + 1))
+    return run_dir
+
+
+def test_sigkill_at_random_steps_then_rerun_is_bitwise_identical(tmp_path, tiny_llama, env, reference):
+    rng = random.Random(0)
+    # Steps after the first checkpoint; each kill lands up to 0.1 s after the step is logged, so
+    # inside a later step, a save, or a deletion of an old checkpoint.
+    kill_at = sorted(rng.sample(range(EVERY + 1, STEPS), 3))
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(command(tiny_llama, run_dir), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoints" / "3").is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(s for s, _ in losses(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
-    assert killed_at < STEPS, "the run finished before it could be killed"
-    resumed = subprocess.run(command(tiny_llama, run_dir), env=env(), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
-    assert losses(run_dir) == reference  # bitwise: same data order, same updates
+    for step in kill_at:
+        code, stderr = interrupt(command(tiny_llama, run_dir), env, step, signal.SIGKILL, rng.uniform(0, 0.1))
+        assert code == -signal.SIGKILL, stderr
+    final = subprocess.run(command(tiny_llama, run_dir), env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert "resumed from" in final.stderr
+    assert losses(run_dir) == losses(reference)  # bitwise: same data order, same updates
+    evals = [x for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in x]
+    assert [x["step"] for x in evals] == [0, STEPS]  # each line once: what a killed run wrote past its checkpoint is dropped
 
-    # Export the newest checkpoint and load it in transformers.
+
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, tiny_llama, env):
+    run_dir = tmp_path / "run"
+    # No regular saves before the end: the checkpoint can only come from the SIGTERM.
+    code, stderr = interrupt(command(tiny_llama, run_dir, every=100), env, 4, signal.SIGTERM)
+    assert code == 0, stderr
+    assert "preempted" in stderr and "Traceback" not in stderr
+    logged = max(s for s, _ in losses(run_dir))
+    saved = Checkpointer(run_dir / "checkpoints", read_only=True).latest_step()
+    assert 4 <= saved == logged < STEPS
+    assert {p.name for p in (run_dir / "checkpoints" / str(saved)).iterdir()} >= {"state", "data", "config"}
+
+
+def test_export_loads_in_transformers_with_jaxsft_logits(tmp_path, tiny_llama, env, reference, capsys):
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "jaxsft.cli", "export", str(run_dir), str(out)], env=env(),
+    done = subprocess.run([sys.executable, "-m", "jaxsft.cli", "export", str(reference), str(out)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
         p.name for p in out.iterdir()}
+    original = json.loads((tiny_llama / "config.json").read_text())
+    exported = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in exported.items() if k != "dtype"} == {k: v for k, v in original.items() if k != "dtype"}
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -78,7 +122,7 @@ def test_kill_resume_export_load(tmp_path, tiny_llama):
         hf_logits = hf(torch.tensor(tokens)).logits.numpy()
 
     # jaxsft's logits from the checkpoint itself (not from the export).
-    _, _, args, params = load_checkpoint(run_dir / "checkpoints" / str(STEPS))
+    _, _, args, params = load_checkpoint(reference / "checkpoints" / str(STEPS))
     ours = np.asarray(nnx.merge(nnx.graphdef(abstract_model(args)), params)(jnp.asarray(tokens)))
     assert np.abs(ours - hf_logits).max() <= 1e-4
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -86,7 +130,6 @@ def test_kill_resume_export_load(tmp_path, tiny_llama):
         assert np.abs(base(torch.tensor(tokens)).logits.numpy() - hf_logits).max() > 1e-3  # it did train
 
     # Exporting into a directory that already holds files is refused and changes nothing.
-    again = subprocess.run([sys.executable, "-m", "jaxsft.cli", "export", str(run_dir), str(out)], env=env(),
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "not empty" in again.stderr
-    assert "Traceback" not in again.stderr
+    capsys.readouterr()
+    assert cli.main(["export", str(reference), str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
