@@ -16,7 +16,11 @@ The tokenizer mimics the conventions of real chat checkpoints:
   string;
 * with ``chat_template=True``: eos is ``<|im_end|>`` and a ChatML template
   that begins with the bos text; with ``chat_template=False``: eos is
-  ``<|end_of_text|>`` and there is no chat template (a "base model").
+  ``<|end_of_text|>`` and there is no chat template (a "base model");
+* with ``split_digits=True`` every digit is a token of its own (as in Qwen's
+  and Llama 2's tokenizers), so a number reads the same wherever it stands:
+  " 15th" and "-15\"" share the tokens "1", "5".  The demo uses it; the
+  default keeps BPE's merged digit chunks.
 
 Usage as a library (tests put ``tools/`` on ``sys.path``)::
 
@@ -27,7 +31,7 @@ Usage from the command line::
 
     python tools/make_tiny_model.py OUT_DIR --data configs/demo_data/train.jsonl \\
         [--vocab-size 1024 --hidden-size 256 --intermediate-size 688 --layers 4 \\
-         --heads 4 --kv-heads 2 --tie --no-chat-template --seed 0]
+         --heads 4 --kv-heads 2 --tie --no-chat-template --split-digits --seed 0]
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template: bool = True):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template: bool = True,
+                    split_digits: bool = False):
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers.
 
     Args:
@@ -63,6 +68,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template:
         chat_template: if True, eos is ``<|im_end|>`` and a ChatML chat
             template is attached; if False, eos is ``<|end_of_text|>`` and
             ``tokenizer.chat_template`` is None.
+        split_digits: if True, digits are pre-tokenized one by one, so no
+            token holds more than one digit.
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast``.
@@ -74,6 +81,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template:
     # add_prefix_space=False: a prefix space would be added on encode but not
     # removed on decode, breaking decode(encode(s)) == s.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -123,6 +133,7 @@ def build_tiny_llama(
     seed: int = 0,
     max_position_embeddings: int = 2048,
     rope_theta: float = 10000.0,
+    split_digits: bool = False,
 ) -> str:
     """Train a tokenizer on ``texts`` and save it with a random tiny Llama.
 
@@ -141,7 +152,8 @@ def build_tiny_llama(
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out_dir = str(out_dir)
-    tokenizer = train_tokenizer(list(texts), vocab_size=vocab_size, chat_template=chat_template)
+    tokenizer = train_tokenizer(list(texts), vocab_size=vocab_size, chat_template=chat_template,
+                                split_digits=split_digits)
     bos_id = tokenizer.bos_token_id
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id
@@ -205,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tie", action="store_true", help="tie input and output embeddings")
     p.add_argument("--no-chat-template", action="store_true",
                    help="base-model tokenizer: eos <|end_of_text|>, no chat template")
+    p.add_argument("--split-digits", action="store_true", help="one token per digit")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -221,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         tie_word_embeddings=args.tie,
         chat_template=not args.no_chat_template,
         seed=args.seed,
+        split_digits=args.split_digits,
     )
     print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f}s")
 

@@ -12,12 +12,16 @@ Parameters carry logical axis names (`axes=` metadata) and never mesh axis names
 stored stacked (a leading `layers` axis) and applied with `jax.lax.scan`, so compile time does
 not grow with depth. What differs from one layer to the next (its attention window, its RoPE
 frequencies) is scanned along with the weights as per-layer arrays.
+
+Generation reuses the same layers with a `KVCache` (keys and values of every layer stacked
+`[L, B, S, K, H]`, carried through the layer scan and written in place): the same masks, windows,
+soft-caps and RoPE apply, with the cache slots as keys. Without a cache (training) nothing changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +72,27 @@ class ModelArgs:
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for generation (a pytree, so it goes through jit and loops).
+
+    Slot s of row b holds the token at position `positions[b, s]`; -1 marks an empty or padding
+    slot, which no query sees. Each call writes its T tokens at slots `index .. index + T - 1`.
+    """
+
+    k: jax.Array  # [L, B, S, K, H], after RoPE (and the k norm)
+    v: jax.Array  # [L, B, S, K, H]
+    positions: jax.Array  # [B, S] int32
+    index: jax.Array  # int32 scalar: the next slot to write
+
+    @classmethod
+    def empty(cls, args: "ModelArgs", batch: int, length: int) -> "KVCache":
+        """A cache of `length` empty slots per row, in the compute dtype."""
+        shape = (args.num_layers, batch, length, args.num_kv_heads, args.head_dim)
+        axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+        k, v = (constrain(jnp.zeros(shape, args.compute_dtype), axes) for _ in range(2))
+        return cls(k, v, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
 
 _ACTIVATIONS = {
@@ -178,17 +203,26 @@ class Attention(nnx.Module):
         self.scale = args.attn_scale if args.attn_scale is not None else h**-0.5
         self.softcap = args.attn_softcap
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+        """Attention output `[B, T, D]`; with `cache=(k [B,S,K,H], v, index)` (generation) the keys
+        are the cache slots with this call's T tokens written at `index`, and the result is
+        `(output, (k_new, v_new))` with this call's keys and values `[B, T, K, H]`."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            new = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, new[0], index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, new[1], index, axis=1)
         b, t, n, h = q.shape
         q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
         # softmax(where(mask, cap(q k^T * scale))) v, with a backward pass that recomputes the
         # probabilities instead of keeping [B, K, G, T, S] of them per layer (see fused.py).
-        out = fused.attention(q, k, v, mask, self.scale, self.softcap).reshape(b, t, n, h)
-        return self.o_proj(out)
+        out = self.o_proj(fused.attention(q, k, v, mask, self.scale, self.softcap).reshape(b, t, n, h))
+        return out if cache is None else (out, new)
 
 
 class MLP(nnx.Module):
@@ -228,15 +262,19 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(args, lead, lead_axes, rngs=rngs)
         self.sandwich = args.sandwich_norms
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache=None):
+        """The block's output `[B, T, D]`; with a layer `cache` (see `Attention`), `(output, (k_new, v_new))`."""
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if cache is not None:
+            attn, new_kv = attn
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         else:
             x = x + attn
             x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", "act_embed"))
+        x = constrain(x, ("batch", "length", "act_embed"))
+        return x if cache is None else (x, new_kv)
 
 
 _REMAT_POLICIES = {
@@ -266,14 +304,27 @@ class DecoderModel(nnx.Module):
         self.layers = DecoderLayer(args, (args.num_layers,), ("layers",), rngs=rngs)
         self.norm = RMSNorm((args.hidden_size,), ("norm",), args, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cache: KVCache | None = None):
+        """Final-norm hidden states `[B, T, D]`; with a `cache` (generation), `(hidden, new_cache)`.
+
+        Without a cache a token sees the earlier tokens of its segment (training, packed rows).
+        With one it sees the cache's filled slots at positions up to its own, this call's tokens
+        included; tokens with `segment_ids == 0` are padding, written as empty slots.
+        """
         args = self.args
         x = self.embed_tokens(tokens).astype(args.compute_dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
         # What all layers share is computed once, outside the scan: query-key distances and the
-        # causal same-segment mask. Within a segment positions count up, so they give the distance.
-        dist = positions[:, :, None] - positions[:, None, :]  # [B,T,S]
-        visible = (dist >= 0) & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        # causal mask. Within a segment (or a cached row) positions count up, so they give the distance.
+        if cache is None:
+            dist = positions[:, :, None] - positions[:, None, :]  # [B,T,S]
+            visible = (dist >= 0) & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        else:
+            key_positions = jax.lax.dynamic_update_slice_in_dim(
+                cache.positions, jnp.where(segment_ids > 0, positions, -1).astype(jnp.int32), cache.index, axis=1)
+            dist = positions[:, :, None] - key_positions[:, None, :]  # [B,T,S]
+            visible = (dist >= 0) & (key_positions[:, None, :] >= 0)
         # What differs per layer is scanned with its weights: RoPE frequencies and window size.
         ropes = args.layer_ropes or (Rope(),) * args.num_layers
         freqs = {r: rope_frequencies(r, args.head_dim) for r in set(ropes)}
@@ -282,18 +333,38 @@ class DecoderModel(nnx.Module):
 
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(h, xs):
-            layer_state, layer_inv_freq, window = xs
+        def layer_inputs(layer_inv_freq, window):
+            """One layer's RoPE cos/sin `[B,T,H]` and attention mask `[B,1,1,T,S]`."""
             angles = positions[..., None].astype(jnp.float32) * layer_inv_freq  # [B,T,H/2]
             angles = jnp.concatenate([angles, angles], axis=-1)
             mask = visible & ((window == 0) | (dist < window))  # window w: the token and w-1 before it
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(h, jnp.cos(angles), jnp.sin(angles), mask[:, None, None, :, :]), None
+            return jnp.cos(angles), jnp.sin(angles), mask[:, None, None, :, :]
 
-        if args.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[args.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, (stacked, inv_freq, windows))
-        return self.norm(x)
+        if cache is None:
+            def body(h, xs):
+                layer_state, layer_inv_freq, window = xs
+                layer = nnx.merge(graphdef, layer_state)
+                return layer(h, *layer_inputs(layer_inv_freq, window)), None
+
+            if args.remat != "none":
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[args.remat], prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, (stacked, inv_freq, windows))
+            return self.norm(x)
+
+        def cached_body(carry, xs):
+            # The whole cache is carried (not scanned): each layer writes only its T new slots, in place.
+            h, k_all, v_all = carry
+            layer_state, layer_inv_freq, window, i = xs
+            layer = nnx.merge(graphdef, layer_state)
+            h, (k, v) = layer(h, *layer_inputs(layer_inv_freq, window), cache=(k_all[i], v_all[i], cache.index))
+            at = (i, 0, cache.index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None], at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None], at)
+            return (h, k_all, v_all), None
+
+        layer_ids = jnp.arange(args.num_layers, dtype=jnp.int32)
+        (x, k_all, v_all), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (stacked, inv_freq, windows, layer_ids))
+        return self.norm(x), KVCache(k_all, v_all, key_positions, cache.index + tokens.shape[1])
 
 
 class CausalLM(nnx.Module):
@@ -307,14 +378,15 @@ class CausalLM(nnx.Module):
                                   dtype=args.param_dtype, rngs=rngs)
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None) -> jax.Array:
-        """Final-norm hidden states `[B, T, D]` (the loss applies the head itself, in chunks)."""
+                      segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+        """Final-norm hidden states `[B, T, D]` (the loss applies the head itself, in chunks);
+        with a `cache`, `(hidden, new_cache)` (see `DecoderModel`)."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        return self.model(tokens, positions, segment_ids)
+        return self.model(tokens, positions, segment_ids, cache)
 
     def head_kernel(self) -> jax.Array:
         """The `[D, V]` output projection (the embedding, transposed, when tied)."""
@@ -327,9 +399,11 @@ class CausalLM(nnx.Module):
         """Gemma 2's final soft-cap: logits are `cap * tanh(head(h) / cap)`; None for other models."""
         return self.args.final_softcap
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        x = self.hidden_states(tokens, positions, segment_ids)
-        logits = jnp.einsum("BTD,DV->BTV", x, self.head_kernel().astype(x.dtype), preferred_element_type=jnp.float32)
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Float32 logits `[..., V]` of final hidden states `[..., D]` (soft-capped where the model caps)."""
+        logits = jnp.einsum("...D,DV->...V", x, self.head_kernel().astype(x.dtype), preferred_element_type=jnp.float32)
         return softcap(logits, self.logit_softcap)
 
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden_states(tokens, positions, segment_ids))
