@@ -1,7 +1,11 @@
 """The `jaxsft` command: parse arguments, call one function per command.
 
     jaxsft train CONFIG.yaml [section.key=value ...]
-    jaxsft export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16]
+    jaxsft export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
+    jaxsft data inspect CONFIG.yaml [section.key=value ...] [-n N] [--json N]
+    jaxsft compile CONFIG.yaml --topology v5p-8 [section.key=value ...]
+    jaxsft generate MODEL (--prompt TEXT | --file PROMPTS.jsonl) [key=value ...]
+    jaxsft eval CONFIG.yaml --model MODEL [--baseline MODEL] [--out DIR] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -22,27 +26,97 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="run directory (newest checkpoint) or one checkpoint directory")
     e.add_argument("out", help="output directory (must not exist or be empty)")
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    e.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file, e.g. 5GB (default), 500MB, 2GiB; above it, shards plus an index")
+    c = sub.add_parser("compile", help="compile the train step for a TPU topology from this host: fits? how fast?")
+    c.add_argument("config", help="YAML config file (model.path needs only config.json)")
+    c.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    c.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v5e-16, v6e-8, v4-8 (or v5e:2x4)")
+    g = sub.add_parser("generate", help="complete prompts with a model (chat template applied as in training)")
+    g.add_argument("model", help="Hugging Face directory, run directory or checkpoint directory")
+    g.add_argument("overrides", nargs="*", help="decoding settings: max_new_tokens=, temperature=, top_k=, top_p=, "
+                                                "seed=, stop=[...], batch_size=")
+    g.add_argument("--prompt", help="one prompt (the user message); its completion is printed")
+    g.add_argument("--file", help="JSONL of {prompt} or {messages} records; prints one JSON line per record")
+    v = sub.add_parser("eval", help="held-out loss and generation metrics, optionally against a baseline")
+    v.add_argument("config", help="YAML config file (data.eval, eval.*)")
+    v.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    v.add_argument("--model", required=True, help="Hugging Face directory, run directory or checkpoint directory")
+    v.add_argument("--baseline", help="a second model to compare with on the same prompts (e.g. the base model)")
+    v.add_argument("--out", help="directory for the report (default: the model's run directory, else run.dir)")
+    d = sub.add_parser("data", help="look at what the data stage makes of a config's data")
+    d_sub = d.add_subparsers(dest="data_command", required=True)
+    i = d_sub.add_parser("inspect", help="statistics and examples with their trained tokens highlighted")
+    i.add_argument("config", help="YAML config file")
+    i.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    i.add_argument("-n", "--examples", type=int, default=3, help="examples to show (default 3)")
+    i.add_argument("--json", type=int, metavar="N", help="print the first N unpacked examples as JSON lines instead")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; expected mistakes print one message and exit 2."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow options (`--topology v5p-8 train.batch_size=16`).
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
             from jaxsft.config import load_config
+            from jaxsft.parallel import initialize_distributed
             from jaxsft.train import train
 
-            train(load_config(args.config, args.overrides))
+            cfg = load_config(args.config, args.overrides)
+            initialize_distributed()  # a multi-process job joins before anything touches the devices
+            # After SIGTERM, train saves the current step and returns normally: exit 0, resumable.
+            train(cfg)
         elif args.command == "export":
             from jaxsft.export import export
 
-            out = export(args.source, args.out, dtype=args.dtype)
+            out = export(args.source, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
             print(f"exported {out}")
+        elif args.command == "compile":
+            return _compile(args)
+        elif args.command == "generate":
+            from jaxsft.config import generate_config
+            from jaxsft.generate import generate_main
+
+            generate_main(args.model, args.prompt, args.file, generate_config(args.overrides))
+        elif args.command == "eval":
+            from jaxsft.config import load_config
+            from jaxsft.evaluate import markdown, run_eval
+
+            print(markdown(run_eval(load_config(args.config, args.overrides), args.model, args.baseline, args.out)))
+        elif args.command == "data":
+            from jaxsft.config import load_config
+            from jaxsft.data.inspect import dump_json, inspect_data
+
+            cfg = load_config(args.config, args.overrides)
+            if args.json is not None:
+                dump_json(cfg, args.json)
+            else:
+                inspect_data(cfg, examples=args.examples)
     except JaxsftError as e:
         print(f"jaxsft {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _compile(args) -> int:
+    import os
+
+    # libtpu looks for a TPU at import unless told this host has none; the CPU backend is enough.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    from jaxsft.aot import compile_report
+    from jaxsft.config import load_config
+
+    lines, fits = compile_report(load_config(args.config, args.overrides), args.topology)
+    print("\n".join(lines))
+    return 0 if fits else 3
 
 
 if __name__ == "__main__":

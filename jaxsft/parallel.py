@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -37,6 +38,34 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "norm": None,
     "layers": None,
 }
+
+
+def initialize_distributed() -> bool:
+    """Joins a multi-process job when this process is one of several; returns whether it did.
+
+    Explicit: `JAXSFT_COORDINATOR` (host:port of process 0), `JAXSFT_NUM_PROCESSES` and
+    `JAXSFT_PROCESS_ID`, anywhere (the launch/local_multi.sh path). Detected by JAX itself: a
+    multi-host Cloud TPU slice (several `TPU_WORKER_HOSTNAMES`) and SLURM jobs of several tasks.
+    CPU processes exchange collectives over gloo.
+    """
+    env = os.environ
+    explicit = "JAXSFT_COORDINATOR" in env
+    tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    slurm = int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env
+    if not (explicit or tpu_pod or slurm):
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        missing = [k for k in ("JAXSFT_NUM_PROCESSES", "JAXSFT_PROCESS_ID") if k not in env]
+        if missing:
+            raise ConfigError(f"JAXSFT_COORDINATOR is set but {' and '.join(missing)} is not: a multi-process job "
+                              f"needs all three (see launch/local_multi.sh)")
+        jax.distributed.initialize(coordinator_address=env["JAXSFT_COORDINATOR"],
+                                   num_processes=int(env["JAXSFT_NUM_PROCESSES"]),
+                                   process_id=int(env["JAXSFT_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+    return True
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
