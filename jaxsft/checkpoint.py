@@ -4,7 +4,9 @@ One checkpoint per saved step under `RUN_DIR/checkpoints/<step>/`, with three it
   state   the train-state pytree (params, optimizer state, step): sharded arrays written by every
           process; arrays stacked over layers are stored one layer per chunk, so export can read
           one layer's tensor without the others
-  data    the Grain iterator state (one small JSON file per process)
+  data    the data iterator's state: one small JSON file per data shard (`shard_<s>-of-<S>.json`,
+          written by the process that supplies the shard's first row), so a run resumes on any
+          number of processes (see `data/pipeline.py`)
   config  the resolved run config (JSON)
 The run holds no random state besides the data order, which the iterator state carries.
 
@@ -19,12 +21,13 @@ whatever the mesh that saved it (8 devices `fsdp=8` -> 1 or 2 devices, or the re
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,6 +39,49 @@ from orbax.checkpoint.checkpoint_managers import LatestN
 from jaxsft.config import CheckpointConfig
 
 STATE, DATA, CONFIG = "state", "data", "config"
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Orbax handler for `data.pipeline.ShardedBatches`: one JSON state per data shard."""
+
+    def save(self, directory: epath.Path, args: "DataSave") -> None:
+        it = args.item
+        state = it.get_state()
+        for s in it.owned:
+            (directory / f"shard_{s}-of-{it.shards}.json").write_text(json.dumps(state[str(s)]))
+
+    def restore(self, directory: epath.Path, args: "DataRestore") -> Any:
+        it = args.item
+        state = {}
+        for s in it.iterators:
+            path = directory / f"shard_{s}-of-{it.shards}.json"
+            if not path.exists():
+                raise ValueError(f"{path} does not exist: the checkpoint's data was split into other shards "
+                                 f"than data.shards={it.shards}")
+            state[str(s)] = json.loads(path.read_text())
+        it.set_state(state)
+        return it
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 def abstract_like(tree: Any) -> Any:
@@ -89,7 +135,7 @@ class Checkpointer:
             return False
         items = {STATE: ocp.args.PyTreeSave(state, save_args=_save_args(state))}
         if data_iterator is not None:
-            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+            items[DATA] = DataSave(data_iterator)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(config)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -100,7 +146,7 @@ class Checkpointer:
         abstract = abstract_like(state_like)
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
             STATE: ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract)),
-            DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+            DATA: DataRestore(data_iterator)}))
         return restored[STATE], restored[DATA]
 
     def restore_params(self, step: int, params_like: Any) -> Any:
@@ -109,6 +155,11 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
             STATE: ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract), partial_restore=True)}))
         return restored[STATE]["params"]
+
+    def data_shards(self, step: int) -> int | None:
+        """The number of data shards whose iterator states the checkpoint of `step` holds."""
+        names = sorted(p.name for p in (self.step_dir(step) / DATA).glob("shard_*-of-*.json"))
+        return int(names[0].rsplit("-of-", 1)[1].removesuffix(".json")) if names else None
 
     def read_config(self, step: int) -> dict | None:
         """The run config saved with the checkpoint of `step` (None if it has none)."""

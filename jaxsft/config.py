@@ -61,6 +61,10 @@ class DataConfig:
     empty: Literal["error", "drop"] = "error"  # an example with no trained tokens
     seq_len: int = 512
     overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than seq_len
+    # Disjoint record shards, each ordered and packed on its own; the global batch takes an equal
+    # block of rows from each. 0: one per process (a resumed run keeps its checkpoint's count).
+    # The same count gives the same batches on any number of processes.
+    shards: int = 0
     packing_bins: int = 256  # rows per best-fit packing window (larger: tighter packing, later first batch)
     shuffle: bool = True
 

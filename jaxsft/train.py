@@ -12,6 +12,8 @@ or gradient norm is not finite, never saving non-finite parameters.
 
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from transformers import AutoTokenizer
 from jaxsft import flops, parallel
 from jaxsft.checkpoint import Checkpointer, Preemption, abstract_like
 from jaxsft.config import Config, ModelConfig, OptimizerConfig, dump_config, to_dict
-from jaxsft.data.pipeline import eval_batches, train_dataset
+from jaxsft.data.pipeline import check_shards, eval_batches, train_batches
 from jaxsft.errors import ConfigError, ModelError, NonFiniteError
 from jaxsft.loss import cross_entropy_sums
 from jaxsft.models import from_pretrained
@@ -240,12 +242,15 @@ def train(cfg: Config, devices: list | None = None) -> dict:
         cfg.train.batch_size * cfg.data.seq_len)
     peak = flops.peak_flops(list(mesh.devices.flat), cfg.model.compute_dtype, cfg.train.peak_tflops)
 
-    dataset = train_dataset(cfg.data, tokenizer, seed=cfg.train.seed, local_batch=local_batch,
-                            process_index=jax.process_index(), process_count=jax.process_count())
-    data_iter = iter(dataset)
-    _prepare_run_dir(cfg, run_dir)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = ckpt.latest_step() or 0
+    # data.shards=0: one shard per process, or, resuming, as many as the checkpoint was saved with.
+    shards = cfg.data.shards or (start and ckpt.data_shards(start)) or jax.process_count()
+    check_shards(shards, cfg.train.batch_size, jax.process_count())
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards))
+    data_iter = train_batches(cfg.data, tokenizer, seed=cfg.train.seed, global_batch=cfg.train.batch_size,
+                              shards=shards, process_index=jax.process_index(), process_count=jax.process_count())
+    _prepare_run_dir(cfg, run_dir)
     if start:
         target = abstract_like(state)
         jax.tree.map(lambda x: x.delete(), state)  # the restored state replaces the weights just loaded: never hold both

@@ -17,9 +17,9 @@ from make_tiny_model import IM_END, END_OF_TEXT, train_tokenizer  # noqa: E402
 
 from jaxsft.config import DataConfig  # noqa: E402
 from jaxsft.data.pack import BATCH_KEYS, pack_list, packing_efficiency, plan_rows  # noqa: E402
-from jaxsft.data.pipeline import batches, eval_batches, prepare_train  # noqa: E402
+from jaxsft.data.pipeline import batches, eval_batches, prepare_train, train_batches  # noqa: E402
 from jaxsft.data.render import EMPTY, KEPT, OVERLONG, TRUNCATED, Renderer, to_example  # noqa: E402
-from jaxsft.errors import DataError  # noqa: E402
+from jaxsft.errors import ConfigError, DataError  # noqa: E402
 
 DEMO_TRAIN = ROOT / "configs" / "demo_data" / "train.jsonl"
 
@@ -342,25 +342,44 @@ def test_exact_resume_mid_epoch(chat_tok, prepared, where):
     assert not _same(first, expected)  # the resumed batches are not simply the first ones again
 
 
-def test_exact_resume_through_orbax_checkpoint(tmp_path, chat_tok, prepared):
-    """The same through the run's Checkpointer: the iterator saved with the train state, restored into a fresh one."""
+def test_exact_resume_through_orbax_checkpoint(tmp_path, chat_tok):
+    """The same through the run's Checkpointer, with the run's iterator over 2 data shards: the
+    per-shard states saved with the train state, restored into a fresh iterator."""
     import jax.numpy as jnp
 
     from jaxsft.checkpoint import Checkpointer
 
     cfg = _cfg()
-    it = iter(batches(prepared, cfg, seed=0, local_batch=LOCAL_BATCH))
+    it = train_batches(cfg, chat_tok, seed=0, global_batch=2 * LOCAL_BATCH, shards=2, report=False)
     _take(it, 11)
     ckpt = Checkpointer(tmp_path / "ckpt")
     ckpt.save(11, {"step": jnp.asarray(11)}, it)
     ckpt.wait()
     expected = _take(it, 5)
     ckpt.close()
-    fresh = iter(batches(prepared, cfg, seed=0, local_batch=LOCAL_BATCH))
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "11" / "data").glob("shard_*")) == [
+        "shard_0-of-2.json", "shard_1-of-2.json"]
+    fresh = train_batches(cfg, chat_tok, seed=0, global_batch=2 * LOCAL_BATCH, shards=2, report=False)
     reader = Checkpointer(tmp_path / "ckpt")
+    assert reader.data_shards(11) == 2
     _, fresh = reader.restore(11, {"step": jnp.asarray(0)}, fresh)
     reader.close()
     assert _same(_take(fresh, 5), expected)
+
+
+def test_global_batch_is_the_same_on_any_process_count(chat_tok):
+    """With the same data.shards, the rows processes supply, put together in process order, are
+    the global batch one process makes; each process builds only the shards its rows come from."""
+    cfg = _cfg()
+    one = _take(train_batches(cfg, chat_tok, seed=0, global_batch=8, shards=2, report=False), 3)
+    for processes in (2, 4, 8):
+        parts = [train_batches(cfg, chat_tok, seed=0, global_batch=8, shards=2, process_index=p,
+                               process_count=processes, report=False) for p in range(processes)]
+        assert [len(p.iterators) for p in parts] == [1] * processes
+        got = [{k: np.concatenate([b[k] for b in step]) for k in step[0]} for step in zip(*(_take(p, 3) for p in parts))]
+        assert _same(got, one), processes
+    with pytest.raises(ConfigError, match="data.shards"):
+        train_batches(cfg, chat_tok, seed=0, global_batch=8, shards=3, report=False)
 
 
 def _tokens_of(prepared) -> set[tuple]:
@@ -437,7 +456,7 @@ def test_overlong_counts(chat_tok):
 def test_nothing_left_to_train_is_an_error(chat_tok, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(RECORD) + "\n")
-    with pytest.raises(DataError, match=r"d\.jsonl.*no example left to train on for process 0 of 1 \(1 dropped"):
+    with pytest.raises(DataError, match=r"d\.jsonl.*no example left to train on in data shard 0 of 1 \(1 dropped"):
         prepare_train(_cfg(train=(str(path),), seq_len=8, overlong="drop"), chat_tok, seed=0)
-    with pytest.raises(DataError, match="no example left to train on for process 1 of 2"):
+    with pytest.raises(DataError, match="no example left to train on in data shard 1 of 2"):
         prepare_train(_cfg(train=(str(path),)), chat_tok, seed=0, process_index=1, process_count=2)

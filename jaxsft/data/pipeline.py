@@ -1,17 +1,21 @@
 """The Grain pipeline: prepared examples -> run order -> packed rows -> local batches.
 
-Order is deterministic from the seed. Each process reads a disjoint share of the records (every
-`process_count`-th record of each source, from its index), reshuffled each epoch; together the
-processes read every record. With `data.weights`, each `data.train` entry is its own source,
+Order is deterministic from the seed. The records are split into `data.shards` disjoint shards
+(every `shards`-th record of each source, from the shard's index; by default one shard per
+process), each reshuffled each epoch and packed into rows on its own; together the shards hold
+every record. Row r of a global batch of B rows is row `r % (B / shards)` of shard
+`r // (B / shards)`'s batch, so the global batch depends only on the shard count, never on how
+many processes assemble it: each process builds only the shards its rows come from (its own share
+of the records when shards are a multiple of the processes) and takes its rows. With `data.weights`, each `data.train` entry is its own source,
 shuffled and repeated on its own, and the sources are interleaved in those proportions.
 
 Before the first batch every record of the process is rendered once (`prepare.py`), so bad records
 stop the run before it starts and the counts are logged: kept, truncated, dropped, trained tokens,
 and the packing efficiency of an epoch packed exactly as the run packs it.
 
-The iterator's state is small (the position of the current packing window in the run order and
-the rows already taken from it) and goes into every checkpoint (see `checkpoint.py`), so a resumed
-run sees the same next batch, bit for bit.
+The iterator's state is small and kept per shard (the position of the current packing window in
+the shard's order and the rows already taken from it); it goes into every checkpoint (see
+`checkpoint.py`), so a resumed run sees the same next batch, bit for bit, on any process count.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import grain
+import numpy as np
 
 from jaxsft.config import DataConfig
 from jaxsft.data.pack import pack, pack_list, packing_efficiency, pad_row, stack_rows
 from jaxsft.data.prepare import Prepared, prepare
 from jaxsft.data.sources import ConcatSource, open_source
-from jaxsft.errors import DataError
+from jaxsft.errors import ConfigError, DataError
 
 # The examples are already in memory: reader threads would only contend for the GIL.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -67,13 +72,14 @@ def epoch_packing(prepared: Prepared, cfg: DataConfig, seed: int) -> tuple[float
 
 def prepare_train(cfg: DataConfig, tokenizer, *, seed: int, process_index: int = 0,
                   process_count: int = 1) -> Prepared:
-    """This process's training examples, rendered, checked and counted, with the epoch's packing."""
+    """The training examples of shard `process_index` of `process_count` (every `process_count`-th
+    record of each source), rendered, checked and counted, with the epoch's packing."""
     components = sources(cfg)
     prepared = prepare(cfg, tokenizer, components, process_index=process_index, process_count=process_count)
     for source, store in zip(components, prepared.stores):
         if not len(store):
             s = prepared.stats
-            raise DataError(f"{source}: no example left to train on for process {process_index} of {process_count} "
+            raise DataError(f"{source}: no example left to train on in data shard {process_index} of {process_count} "
                             f"({s.overlong:,} dropped as too long, {s.empty:,} with nothing to train; see "
                             f"data.seq_len, data.overlong, data.empty)")
     prepared.stats.efficiency, prepared.stats.rows = epoch_packing(prepared, cfg, seed)
@@ -88,42 +94,112 @@ def batches(prepared: Prepared, cfg: DataConfig, *, seed: int, local_batch: int)
     return rows.batch(local_batch, drop_remainder=True)
 
 
-def train_dataset(cfg: DataConfig, tokenizer, *, seed: int, local_batch: int, process_index: int = 0,
-                  process_count: int = 1, report: bool = True) -> grain.IterDataset:
-    """An endless dataset of local batches (`[local_batch, seq_len]` batch contract dicts).
+def row_plan(global_batch: int, shards: int, process_index: int = 0, process_count: int = 1
+             ) -> list[tuple[int, int, int]]:
+    """`(shard, start, stop)`: the rows of each shard's batch that this process supplies, in the
+    order of its rows of the global batch (rows `[p B / P, (p + 1) B / P)`)."""
+    per_shard, per_process = global_batch // shards, global_batch // process_count
+    lo, hi = process_index * per_process, (process_index + 1) * per_process
+    return [(s, max(lo, s * per_shard) - s * per_shard, min(hi, (s + 1) * per_shard) - s * per_shard)
+            for s in range(lo // per_shard, (hi - 1) // per_shard + 1)]
 
-    Renders every record of this process first; with `report`, logs what that found.
+
+def check_shards(shards: int, global_batch: int, process_count: int) -> None:
+    """A clear error when the global batch cannot be split evenly by shards and processes."""
+    if shards < 1 or global_batch % shards:
+        raise ConfigError(f"config key 'data.shards' ({shards}) must divide 'train.batch_size' ({global_batch})")
+    if global_batch % process_count:
+        raise ConfigError(f"config key 'train.batch_size' ({global_batch}) must be divisible by the process count "
+                        f"({process_count})")
+
+
+class ShardedBatches:
+    """This process's local batches, assembled from the data shards its rows come from.
+
+    An iterator of batch contract dicts `[global_batch / process_count, seq_len]`; `get_state` /
+    `set_state` hold one Grain iterator state per shard, keyed by shard index.
     """
-    prepared = prepare_train(cfg, tokenizer, seed=seed, process_index=process_index, process_count=process_count)
-    if report:
-        _report(prepared, cfg, process_count, f" (~{prepared.stats.rows / local_batch:,.0f} steps)")
-    return batches(prepared, cfg, seed=seed, local_batch=local_batch)
+
+    def __init__(self, iterators: dict[int, Any], plan: list[tuple[int, int, int]], shards: int):
+        self.iterators, self.plan, self.shards = iterators, plan, shards
+        # The shards whose first row is this process's: it writes their state into checkpoints.
+        self.owned = [s for s, start, _ in plan if start == 0]
+
+    def __iter__(self) -> "ShardedBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [(next(self.iterators[s]), a, b) for s, a, b in self.plan]
+        if len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == len(next(iter(parts[0][0].values()))):
+            return parts[0][0]
+        return {k: np.concatenate([batch[k][a:b] for batch, a, b in parts]) for k in parts[0][0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {str(s): it.get_state() for s, it in self.iterators.items()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        missing = [s for s in self.iterators if str(s) not in state]
+        if missing:
+            raise DataError(f"the checkpoint's data state has no state for shards {missing} of {self.shards}")
+        for s, it in self.iterators.items():
+            it.set_state(state[str(s)])
 
 
-def _report(prepared: Prepared, cfg: DataConfig, process_count: int, epoch: str = "", name: str = "data") -> None:
+def train_batches(cfg: DataConfig, tokenizer, *, seed: int, global_batch: int, shards: int, process_index: int = 0,
+                  process_count: int = 1, report: bool = True) -> ShardedBatches:
+    """The endless iterator of this process's local batches (see the module docstring).
+
+    Renders every record of the shards it needs first; with `report`, logs what that found.
+    """
+    check_shards(shards, global_batch, process_count)
+    plan = row_plan(global_batch, shards, process_index, process_count)
+    per_shard = global_batch // shards
+    iterators = {}
+    for s, _, _ in plan:
+        prepared = prepare_train(cfg, tokenizer, seed=seed, process_index=s, process_count=shards)
+        if report:
+            who = f" (shard {s} of {shards})" if shards > 1 else ""
+            _report(prepared, cfg, f" (~{prepared.stats.rows / per_shard:,.0f} steps)", name="data" + who,
+                    everywhere=process_count > 1)
+        iterators[s] = iter(batches(prepared, cfg, seed=seed, local_batch=per_shard))
+    return ShardedBatches(iterators, plan, shards)
+
+
+def _report(prepared: Prepared, cfg: DataConfig, epoch: str = "", name: str = "data",
+            everywhere: bool = False) -> None:
+    """Logs what preparing found; `everywhere`: from every process (each names its process)."""
+    import sys
+
+    import jax
+
     from jaxsft.monitor import info
 
-    who = f" (process 0 of {process_count}: its share)" if process_count > 1 else ""
-    for line in prepared.stats.summary(cfg.seq_len, name + who, epoch):
-        info(line)
+    for line in prepared.stats.summary(cfg.seq_len, name, epoch):
+        if everywhere:
+            print(f"[process {jax.process_index()}] {line}", file=sys.stderr, flush=True)
+        else:
+            info(line)
 
 
 def eval_batches(cfg: DataConfig, tokenizer, *, local_batch: int, process_index: int = 0,
                  process_count: int = 1, max_batches: int = 0, report: bool = True) -> list[dict]:
-    """The held-out set, packed in order into local batches; the last is padded with empty rows.
+    """This process's rows of the held-out set, packed in order into global batches of
+    `local_batch * process_count` rows; the last is padded with empty rows.
 
-    With `report`, logs the counts and packing as for the training data.
+    Every process renders the whole (small) held-out set, so the batches and the loss do not
+    depend on the process count. With `report`, logs the counts and packing as for training data.
     """
-    prepared = prepare(cfg, tokenizer, sources(cfg, "data.eval"), process_index=process_index,
-                       process_count=process_count)
+    prepared = prepare(cfg, tokenizer, sources(cfg, "data.eval"))
     rows = pack_list([ex for store in prepared.stores for ex in (store[i] for i in range(len(store)))], cfg.seq_len)
     if report:
         prepared.stats.rows = len(rows)
         prepared.stats.efficiency = prepared.stats.tokens / max(len(rows) * cfg.seq_len, 1)
-        _report(prepared, cfg, process_count, name="eval data")
+        _report(prepared, cfg, name="eval data")
+    size = local_batch * process_count
+    mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
     out = []
-    for start in range(0, len(rows), local_batch):
-        chunk = rows[start:start + local_batch]
-        chunk += [pad_row(cfg.seq_len)] * (local_batch - len(chunk))
-        out.append(stack_rows(chunk))
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        chunk += [pad_row(cfg.seq_len)] * (size - len(chunk))
+        out.append(stack_rows(chunk[mine]))
     return out[:max_batches] if max_batches else out
