@@ -191,10 +191,13 @@ def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
         cfg.train.batch_size * cfg.data.seq_len)
     xla_flops, _ = _cost(step.compiled)
     peak_chip = flops.device_peak_flops(devices[0], cfg.model.compute_dtype) * per_chip
-    # Roofline: a step takes at least its FLOPs at peak, and at least the time to read the state
-    # and write it back and to write and read its temporaries once at full HBM bandwidth.
+    # Roofline: a step takes at least the FLOPs it executes at peak (with remat=full every layer's
+    # forward runs twice: 8 of the model's 6 FLOPs per parameter and token), and at least the time
+    # to read the state and write it back and to write and read its temporaries once at full HBM
+    # bandwidth. MFU counts the model's FLOPs only, so recomputation lowers it.
+    executed = model_flops * (8 / 6 if cfg.model.remat == "full" else 1.0)
     traffic = (mem["argument"] + mem["output"] + 2 * mem["temp"]) * per_chip
-    compute_s, memory_s = model_flops / chips / peak_chip, traffic / (chip.hbm_gbps * 1e9)
+    compute_s, memory_s = executed / chips / peak_chip, traffic / (chip.hbm_gbps * 1e9)
     step_s = max(compute_s, memory_s)
     mfu = model_flops / chips / step_s / peak_chip
 
