@@ -10,7 +10,8 @@ the chat template, and `generation_config.json`.
 Streamed: tensors are read from the checkpoint's files one Hugging Face tensor at a time (one layer
 of a layer-stacked array; see `checkpoint.SavedArrays`), converted, and appended to the shard being
 written, whose safetensors header (8-byte length, JSON of names, dtypes, shapes and offsets) is
-computed from the shapes beforehand. Host memory is bounded by the largest tensor, not the model,
+computed from the shapes beforehand. Host memory is bounded by about twice the largest tensor (TensorStore
+decodes a chunk, then copies it out; tools/bench_export.py measures 2.0x), not by the model,
 and no accelerator is involved. Process 0 reads the checkpoint directory (which Orbax requires every
 process to share) and writes; the other processes only wait, so nothing is gathered between them.
 
