@@ -1,6 +1,7 @@
 """The `jaxsft` command: parse arguments, call one function per command.
 
-    jaxsft train CONFIG.yaml [section.key=value ...]
+    jaxsft train CONFIG.yaml [section.key=value ...] [--dry-run]
+    jaxsft plot RUN_DIR
     jaxsft export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
     jaxsft data inspect CONFIG.yaml [section.key=value ...] [-n N] [--json N]
     jaxsft compile CONFIG.yaml --topology v5p-8 [section.key=value ...]
@@ -22,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune (or resume) the run a config describes")
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, parameters, mesh, shardings and memory; train nothing")
+    pl = sub.add_parser("plot", help="draw RUN_DIR/metrics.png: loss, eval loss, learning rate, tokens/s")
+    pl.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
     e = sub.add_parser("export", help="write a Hugging Face model directory from a run or checkpoint")
     e.add_argument("source", help="run directory (newest checkpoint) or one checkpoint directory")
     e.add_argument("out", help="output directory (must not exist or be empty)")
@@ -70,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             from jaxsft.train import train
 
             cfg = load_config(args.config, args.overrides)
+            if args.dry_run:
+                from jaxsft.train import dry_run
+
+                print("\n".join(dry_run(cfg)))
+                return 0
             initialize_distributed()  # a multi-process job joins before anything touches the devices
             # After SIGTERM, train saves the current step and returns normally: exit 0, resumable.
             train(cfg)
@@ -78,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
             out = export(args.source, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
             print(f"exported {out}")
+        elif args.command == "plot":
+            from jaxsft.plot import plot_run
+
+            print(f"wrote {plot_run(args.run_dir)}")
         elif args.command == "compile":
             return _compile(args)
         elif args.command == "generate":
@@ -101,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
                 inspect_data(cfg, examples=args.examples)
     except JaxsftError as e:
         print(f"jaxsft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only file system: name the file, no traceback
+        if e.filename is None:
+            raise
+        print(f"jaxsft {args.command}: error: cannot write or read {e.filename}: {e.strerror or e}; nothing "
+              f"already written was changed (files are replaced whole)", file=sys.stderr)
         return 2
     return 0
 

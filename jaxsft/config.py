@@ -123,10 +123,14 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Where the run writes (config, metrics, checkpoints)."""
+    """Where the run writes (config, metrics, checkpoints) and how it reports."""
 
     dir: str = "runs/default"
     export: str = ""  # when set, `train` exports a Hugging Face directory here at the end
+    tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard
+    plot: bool = True  # RUN_DIR/metrics.png (loss, learning rate, tokens/s) at the end of the run
+    wandb_project: str = ""  # when set, also log to this Weights & Biases project (needs `wandb`)
+    progress: Literal["auto", "bar", "lines"] = "auto"  # console: auto = a bar on a terminal, else lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,8 +280,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file not found: {path}")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: the place and the problem
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     cfg = _build(Config, _merge(raw, parse_overrides(list(overrides))), "")
     validate(cfg)
     return cfg

@@ -13,8 +13,10 @@ or gradient norm is not finite, never saving non-finite parameters.
 from __future__ import annotations
 
 import dataclasses
-
+import importlib.util
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,18 +24,19 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+import yaml
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
-from transformers import AutoTokenizer
 
 from jaxsft import flops, parallel
-from jaxsft.checkpoint import Checkpointer, Preemption, abstract_like
-from jaxsft.config import Config, ModelConfig, OptimizerConfig, dump_config, to_dict
+from jaxsft.checkpoint import Checkpointer, Preemption, SavedArrays, abstract_like
+from jaxsft.config import Config, ModelConfig, OptimizerConfig, to_dict
 from jaxsft.data.pipeline import check_shards, eval_batches, train_batches
-from jaxsft.errors import ConfigError, ModelError, NonFiniteError
+from jaxsft.data.render import load_tokenizer
+from jaxsft.errors import ConfigError, JaxsftError, ModelError, NonFiniteError
 from jaxsft.loss import cross_entropy_sums
-from jaxsft.models import from_pretrained
-from jaxsft.monitor import MetricsLog, info
+from jaxsft.models import DTYPES, args_from_hf_config, from_pretrained, read_hf_config
+from jaxsft.monitor import MetricsLog, atomic_write_text, info, memory_estimate, summary_lines
 
 # Small files of a Hugging Face directory that the run keeps a copy of, so export never needs the source.
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -198,32 +201,138 @@ def evaluate(eval_step, params, batches: list[dict]) -> float:
     return total / max(count, 1.0)
 
 
-def load_tokenizer(path: str):
-    """The model directory's tokenizer, with a clear error when it has none."""
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelError(f"{path}: could not load the tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
-
-
 def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Writes `config.yaml` and the `hf/` side files; each file is replaced whole (never half-written)."""
     if jax.process_index() != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     hf_copy = run_dir / "hf"
     hf_copy.mkdir(exist_ok=True)
     for name in HF_SIDE_FILES:
         src = Path(cfg.model.path) / name
         if src.is_file():
-            shutil.copy2(src, hf_copy / name)
+            tmp = hf_copy / f".{name}.tmp-{os.getpid()}"
+            try:
+                shutil.copy2(src, tmp)
+                os.replace(tmp, hf_copy / name)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    """Fails early, before anything is loaded or written, when `run.dir` cannot be written: a
+    read-only file system or directory, or a path through a file. Leaves no trace (an unnamed
+    temporary file)."""
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"config key 'run.dir' ({run_dir}): {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"config key 'run.dir' ({run_dir}): cannot write in {existing} ({e.strerror})") from None
+
+
+def check_model(cfg: Config):
+    """`(hf_config, ModelArgs)` of `model.path`, read before anything heavier (the tokenizer, the
+    weights), so a missing or unsupported model is the first error reported."""
+    if not cfg.model.path:
+        raise ConfigError("config key 'model.path' is not set (a Hugging Face model directory)")
+    hf = read_hf_config(cfg.model.path)
+    try:
+        args = args_from_hf_config(hf, param_dtype=DTYPES[cfg.model.param_dtype],
+                                   compute_dtype=DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat)
+    except ModelError as e:
+        raise ModelError(f"{cfg.model.path}: {e}") from None
+    return hf, args
+
+
+def check_same_model(ckpt: Checkpointer, step: int, params: Any, cfg: Config, run_dir: Path) -> None:
+    """Refuses to resume a run directory whose checkpoint holds another model's parameters, naming
+    both, before anything in it is touched."""
+    saved = SavedArrays(ckpt.step_dir(step)).tree.get("params", {})
+    saved_shapes = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    shapes = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    if saved_shapes == shapes:
+        return
+    saved_model = ((ckpt.read_config(step) or {}).get("model") or {}).get("path", "?")
+    differ = sorted(set(saved_shapes) ^ set(shapes)) or [k for k in shapes if shapes[k] != saved_shapes[k]]
+    key = differ[0]
+    detail = (f"parameter {key}: {list(saved_shapes[key]) if key in saved_shapes else 'absent'} in the checkpoint, "
+              f"{list(shapes[key]) if key in shapes else 'absent'} in model.path")
+    raise ModelError(f"{run_dir}: its checkpoint {ckpt.step_dir(step)} holds another model ({saved_model}) than "
+                     f"model.path ({cfg.model.path}): {detail}. Use a new run.dir, or the model it was trained from.")
+
+
+def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True) -> list[str]:
+    """What `train` would run, without loading weights, reading data or writing anything: the
+    resolved config, parameter count, mesh, shardings of the largest parameters and memory per
+    device (the estimate from the shardings; with `compile_step`, also what XLA's compiled step
+    reports, compiled for this host's devices on abstract inputs)."""
+    from jaxsft import aot
+    from jaxsft.monitor import memory_line, shard_bytes
+
+    hf, args = check_model(cfg)
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    dp = parallel.data_parallel_size(mesh)
+    if cfg.train.batch_size % (dp * cfg.train.grad_accum):
+        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
+                          f"data-parallel size mesh.data x mesh.fsdp ({dp}) times train.grad_accum "
+                          f"({cfg.train.grad_accum})")
+    _, _, state, _, _ = aot.abstract_state(args, cfg, mesh)
+    params = state["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    n_params = sum(x.size for _, x in leaves)
+    memory = memory_estimate(params, state["opt_state"], args, cfg.train.batch_size // (dp * cfg.train.grad_accum),
+                             cfg.data.seq_len, jnp.dtype(DTYPES[cfg.model.compute_dtype]).itemsize, cfg.model.remat)
+    lines = ["config (resolved):"] + ["  " + x for x in yaml.safe_dump(to_dict(cfg), sort_keys=False).splitlines()]
+    lines += [f"model: {hf.get('model_type', '?')}, {n_params:,} parameters ({cfg.model.param_dtype}), "
+              f"{args.num_layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}",
+              f"mesh: {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices | global batch "
+              f"{cfg.train.batch_size} x {cfg.data.seq_len}, {cfg.train.batch_size // dp} rows per data-parallel "
+              f"rank, grad_accum {cfg.train.grad_accum}",
+              "largest parameters (global shape -> partition spec -> per-device shard):"]
+    for path, x in sorted(leaves, key=lambda kv: -kv[1].size)[:5]:
+        lines.append(f"  {jax.tree_util.keystr(path)}  {list(x.shape)} -> {x.sharding.spec} -> "
+                     f"{list(x.sharding.shard_shape(x.shape))} ({shard_bytes(x) / 2**20:,.2f} MiB)")
+    lines.append(f"memory estimate: {memory_line(memory)}")
+    if compile_step:
+        try:
+            step = aot.compile_train_step(args, cfg, mesh)
+            m = step.memory()
+            total = m["argument"] + m["temp"] + m["output"] - m["alias"] + m["code"]
+            lines.append(f"compiled step (XLA memory_analysis, {step.compile_s:.1f} s to compile): "
+                         f"{total / 2**30:,.3f} GiB per device (arguments {m['argument'] / 2**30:,.3f} GiB, "
+                         f"temporaries {m['temp'] / 2**30:,.3f} GiB)")
+        except Exception as e:  # noqa: BLE001 - the estimate above stands; say why there is no compiled number
+            lines.append(f"compiled step: not available ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})")
+    lines.append(f"run dir: {cfg.run.dir} (not created: dry run)")
+    return lines
+
+
+def _plot(run_dir: Path) -> None:
+    """Draws the run's curves; a failure to draw is reported, never fatal to the run."""
+    from jaxsft.plot import plot_run
+
+    try:
+        info(f"plot: {plot_run(run_dir)}")
+    except (JaxsftError, OSError, ValueError) as e:
+        info(f"plot: not drawn ({e})")
 
 
 def train(cfg: Config, devices: list | None = None) -> dict:
     """Runs (or resumes) the training run described by `cfg`; returns the last logged metrics."""
     run_dir = Path(cfg.run.dir)
-    if not cfg.model.path:
-        raise ConfigError("config key 'model.path' is not set (a Hugging Face model directory)")
+    hf_config, _ = check_model(cfg)
+    if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"config key 'run.wandb_project' is {cfg.run.wandb_project!r}, but the wandb package is "
+                          f"not installed (pip install 'jaxsft[wandb]'), or unset the key")
+    if jax.process_index() == 0:
+        check_run_dir_writable(run_dir)
     mesh = parallel.make_mesh(cfg.mesh, devices)
     dp = parallel.data_parallel_size(mesh)
     if cfg.train.batch_size % (dp * cfg.train.grad_accum):
@@ -250,6 +359,12 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards))
     data_iter = train_batches(cfg.data, tokenizer, seed=cfg.train.seed, global_batch=cfg.train.batch_size,
                               shards=shards, process_index=jax.process_index(), process_count=jax.process_count())
+    eval_data = None
+    if cfg.data.eval:  # read before anything is written: a bad held-out file changes nothing
+        eval_data = eval_batches(cfg.data, tokenizer, local_batch=local_batch, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), max_batches=cfg.train.eval_batches)
+    if start:
+        check_same_model(ckpt, start, state["params"], cfg, run_dir)
     _prepare_run_dir(cfg, run_dir)
     if start:
         target = abstract_like(state)
@@ -257,21 +372,28 @@ def train(cfg: Config, devices: list | None = None) -> dict:
         state, data_iter = ckpt.restore(start, target, data_iter)
         info(f"resumed from {run_dir / 'checkpoints' / str(start)}")
     # From scratch (no complete checkpoint), drop every line of a run that died, its step-0 evaluation too.
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if start else -1)
-    info(f"jaxsft: {n_params:,} parameters | mesh {dict(mesh.shape)} | global batch {cfg.train.batch_size} x "
-         f"{cfg.data.seq_len} | steps {start}->{cfg.train.steps} | run dir {run_dir}")
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if start else -1, total_steps=cfg.train.steps,
+                     tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project, config=to_dict(cfg),
+                     progress=cfg.run.progress)
+    memory = memory_estimate(state["params"], state["opt_state"], model.args,
+                             cfg.train.batch_size // (dp * cfg.train.grad_accum), cfg.data.seq_len,
+                             jnp.dtype(DTYPES[cfg.model.compute_dtype]).itemsize, cfg.model.remat)
+    for line in summary_lines(model_path=cfg.model.path, model_type=hf_config.get("model_type", "?"),
+                              n_params=n_params, mesh=dict(mesh.shape), global_batch=cfg.train.batch_size,
+                              seq_len=cfg.data.seq_len, grad_accum=cfg.train.grad_accum,
+                              steps=(start, cfg.train.steps), memory=memory, run_dir=run_dir,
+                              param_dtype=cfg.model.param_dtype):
+        info(line)
     if peak:
         info(f"MFU counts {step_flops / 1e12:.3g} TFLOP per step against a peak of {peak / 1e12:.3g} TFLOP/s"
              + (" (measured CPU matmul)" if mesh.devices.flat[0].platform == "cpu" and not cfg.train.peak_tflops else ""))
 
     step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings,
                               cfg.train.loss_chunk, nonfinite=cfg.train.nonfinite)
-    eval_data = eval_fn = None
-    if cfg.data.eval:
+    eval_fn = None
+    if eval_data is not None:
         # Put on the devices once: the same held-out batches serve every evaluation.
-        eval_data = [parallel.global_batch(b, mesh) for b in eval_batches(
-            cfg.data, tokenizer, local_batch=local_batch, process_index=jax.process_index(),
-            process_count=jax.process_count(), max_batches=cfg.train.eval_batches)]
+        eval_data = [parallel.global_batch(b, mesh) for b in eval_data]
         eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], cfg.train.loss_chunk)
         if start == 0:
             log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data)})
@@ -328,6 +450,9 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                     break
     finally:
         ckpt.close()  # a save in flight completes even when the loop raised
+        log.close()
+    if cfg.run.plot and jax.process_index() == 0:
+        _plot(run_dir)
     if cfg.run.export and not preempted:
         from jaxsft.export import export
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import numpy as np
 
 from jaxsft.config import DataConfig, FieldsConfig
@@ -40,10 +42,17 @@ except ImportError:  # pragma: no cover - older or newer transformers: fall back
     _render_jinja_template = None
 
 
+# Files that hold a tokenizer's vocabulary: a directory without any of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(path: str):
     """The model directory's tokenizer, with a clear error when it has none."""
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the model's "
+                         f"tokenizer files into it")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
