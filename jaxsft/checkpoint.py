@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from absl import logging as absl_logging
 from etils import epath
-from orbax.checkpoint.checkpoint_managers import LatestN
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from jaxsft.config import CheckpointConfig
 
@@ -101,6 +101,15 @@ def _save_args(state: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, state)
 
 
+def _policy(cfg: CheckpointConfig):
+    """Which checkpoints survive: the newest `keep`, and with `keep_best` the lowest eval_loss too."""
+    if not cfg.keep_best:
+        return LatestN(cfg.keep)
+    # BestN keeps the last n after sorting; descending order puts the lowest loss last.
+    best = BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False)
+    return AnyPreservationPolicy([LatestN(cfg.keep), best])
+
+
 class Checkpointer:
     """Saves and restores `(state, data_iterator, config)` in a run's checkpoint directory."""
 
@@ -112,7 +121,7 @@ class Checkpointer:
             absl_logging.set_verbosity(absl_logging.ERROR)
         try:
             options = ocp.CheckpointManagerOptions(
-                preservation_policy=None if read_only else LatestN(cfg.keep), create=not read_only,
+                preservation_policy=None if read_only else _policy(cfg), create=not read_only,
                 read_only=read_only, enable_async_checkpointing=True,
                 # Temporary directories of saves a crash interrupted: never complete, never needed.
                 cleanup_tmp_directories=not read_only)
@@ -128,9 +137,11 @@ class Checkpointer:
         """The directory of the checkpoint of `step`."""
         return self.directory / str(step)
 
-    def save(self, step: int, state: Any, data_iterator: Any = None, config: dict | None = None) -> bool:
+    def save(self, step: int, state: Any, data_iterator: Any = None, config: dict | None = None,
+             metrics: dict | None = None) -> bool:
         """Starts saving a checkpoint of `step` (the arrays are written in the background; `wait`
-        blocks until it is on disk). Returns False, saving nothing, when `step` is already saved."""
+        blocks until it is on disk). `metrics` (`{"eval_loss": ...}`) rank it for `checkpoint.keep_best`.
+        Returns False, saving nothing, when `step` is already saved."""
         if step in self.manager.all_steps():  # e.g. preempted right after a regular save
             return False
         items = {STATE: ocp.args.PyTreeSave(state, save_args=_save_args(state))}
@@ -138,7 +149,7 @@ class Checkpointer:
             items[DATA] = DataSave(data_iterator)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(config)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def restore(self, step: int, state_like: Any, data_iterator: Any) -> tuple[Any, Any]:
         """Restores the state onto the shardings of `state_like` (arrays or ShapeDtypeStructs, on any

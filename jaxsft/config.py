@@ -119,6 +119,9 @@ class CheckpointConfig:
 
     every: int = 100  # save every this many steps, and at the last step
     keep: int = 3  # the newest checkpoints kept; older ones are deleted
+    # Also keep the checkpoint with the lowest held-out loss, however old: every evaluated step
+    # (train.eval_every) is then saved too, with its eval_loss.
+    keep_best: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -416,7 +416,9 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                 unchecked = (done, metrics)
                 preempted = preemption.reached(done)
                 log_now = done % cfg.train.log_every == 0 or is_last
-                save_now = done % cfg.checkpoint.every == 0 or is_last or preempted
+                eval_now = eval_fn is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last)
+                # checkpoint.keep_best: every evaluated step is saved with its eval_loss, so the best can be kept.
+                save_now = done % cfg.checkpoint.every == 0 or is_last or preempted or (eval_now and cfg.checkpoint.keep_best)
                 if log_now or save_now:
                     skipped += not _updated(done, metrics, cfg.train.nonfinite)
                     unchecked = None
@@ -432,7 +434,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                         record["mfu"] = step_flops / step_s / peak
                     if skipped:
                         record["skipped_steps"] = skipped
-                if eval_fn is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last):
+                if eval_now:
                     record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data)}
                 if record is not None:
                     log.write(record)
@@ -443,7 +445,8 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                         raise NonFiniteError(f"step {done}: the parameters hold NaN or infinite values although "
                                              f"the loss and gradient norm are finite; not saving them. Lower "
                                              f"optimizer.lr or check the model at model.path.")
-                    ckpt.save(done, state, data_iter, config=to_dict(cfg))
+                    ckpt.save(done, state, data_iter, config=to_dict(cfg),
+                              metrics={"eval_loss": record["eval_loss"]} if eval_now else None)
                 if preempted:
                     info(f"preempted (SIGTERM): saved step {done} in {ckpt.step_dir(done)}; run the same "
                          f"command to resume")

@@ -128,3 +128,18 @@ def test_nonfinite_loss_skips_the_update_when_configured(tmp_path, tiny_llama, m
     one, two, three = arrays(1), arrays(2), arrays(3)
     assert all(np.array_equal(a, b) for a, b in zip(one, two))  # step 2 changed nothing, moments included
     assert not all(np.array_equal(a, b) for a, b in zip(two, three))
+
+
+def test_keep_best_keeps_the_lowest_eval_loss_besides_the_newest(tmp_path, tiny_llama):
+    """checkpoint.keep_best: every evaluated step is saved with its eval_loss; the newest `keep` and
+    the lowest eval_loss survive. A learning rate far too high makes the held-out loss go up again."""
+    run_dir = tmp_path / "run"
+    train(config(tiny_llama, run_dir, f"data.eval={DEMO_TRAIN}", "train.eval_every=1", "train.eval_batches=1",
+                 "train.steps=6", "optimizer.lr=0.5", "checkpoint.every=100", "checkpoint.keep=1",
+                 "checkpoint.keep_best=true"), devices=jax.devices()[:1])
+    evals = {x["step"]: x["eval_loss"] for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in x and x["step"] > 0}
+    best = min(evals, key=evals.get)
+    assert best < 6, evals  # the loss did go up again, so keeping the best is not keeping the newest
+    kept = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [best, 6]
