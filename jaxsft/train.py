@@ -221,6 +221,17 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
                 raise
 
 
+def make_checked_mesh(cfg: Config, devices: list | None = None):
+    """`(mesh, data-parallel size)`, with a clear error when the global batch does not split evenly."""
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    dp = parallel.data_parallel_size(mesh)
+    if cfg.train.batch_size % (dp * cfg.train.grad_accum):
+        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
+                          f"data-parallel size mesh.data x mesh.fsdp ({dp}) times train.grad_accum "
+                          f"({cfg.train.grad_accum})")
+    return mesh, dp
+
+
 def check_run_dir_writable(run_dir: Path) -> None:
     """Fails early, before anything is loaded or written, when `run.dir` cannot be written: a
     read-only file system or directory, or a path through a file. Leaves no trace (an unnamed
@@ -277,12 +288,7 @@ def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True)
     from jaxsft.monitor import memory_line, shard_bytes
 
     hf, args = check_model(cfg)
-    mesh = parallel.make_mesh(cfg.mesh, devices)
-    dp = parallel.data_parallel_size(mesh)
-    if cfg.train.batch_size % (dp * cfg.train.grad_accum):
-        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
-                          f"data-parallel size mesh.data x mesh.fsdp ({dp}) times train.grad_accum "
-                          f"({cfg.train.grad_accum})")
+    mesh, dp = make_checked_mesh(cfg, devices)
     _, _, state, _, _ = aot.abstract_state(args, cfg, mesh)
     params = state["params"]
     leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -333,12 +339,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                           f"not installed (pip install 'jaxsft[wandb]'), or unset the key")
     if jax.process_index() == 0:
         check_run_dir_writable(run_dir)
-    mesh = parallel.make_mesh(cfg.mesh, devices)
-    dp = parallel.data_parallel_size(mesh)
-    if cfg.train.batch_size % (dp * cfg.train.grad_accum):
-        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
-                          f"data-parallel size mesh.data x mesh.fsdp ({dp}) times train.grad_accum "
-                          f"({cfg.train.grad_accum})")
+    mesh, dp = make_checked_mesh(cfg, devices)
     if cfg.train.batch_size % jax.process_count():
         raise ConfigError(f"config key 'train.batch_size' must be divisible by the process count {jax.process_count()}")
     local_batch = cfg.train.batch_size // jax.process_count()

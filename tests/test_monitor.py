@@ -16,7 +16,6 @@ from conftest import DEMO_EVAL, DEMO_TRAIN
 from jaxsft import cli
 from jaxsft.config import load_config
 from jaxsft.monitor import MetricsLog, format_line
-from jaxsft.plot import plot_run
 from jaxsft.train import train
 
 
