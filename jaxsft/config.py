@@ -370,6 +370,11 @@ def to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, loadable again with `load_config`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump_config(cfg: Config, path: Path) -> None:
-    """Writes the resolved config as YAML, loadable again with `load_config`."""
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Writes `config_yaml(cfg)` to `path`."""
+    path.write_text(config_yaml(cfg))

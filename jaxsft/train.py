@@ -24,13 +24,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-import yaml
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
 from jaxsft import flops, parallel
 from jaxsft.checkpoint import Checkpointer, Preemption, SavedArrays, abstract_like
-from jaxsft.config import Config, ModelConfig, OptimizerConfig, to_dict
+from jaxsft.config import Config, ModelConfig, OptimizerConfig, config_yaml, to_dict
 from jaxsft.data.pipeline import check_shards, eval_batches, train_batches
 from jaxsft.data.render import load_tokenizer
 from jaxsft.errors import ConfigError, JaxsftError, ModelError, NonFiniteError
@@ -206,7 +205,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     if jax.process_index() != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", config_yaml(cfg))
     hf_copy = run_dir / "hf"
     hf_copy.mkdir(exist_ok=True)
     for name in HF_SIDE_FILES:
@@ -295,7 +294,7 @@ def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True)
     n_params = sum(x.size for _, x in leaves)
     memory = memory_estimate(params, state["opt_state"], args, cfg.train.batch_size // (dp * cfg.train.grad_accum),
                              cfg.data.seq_len, jnp.dtype(DTYPES[cfg.model.compute_dtype]).itemsize, cfg.model.remat)
-    lines = ["config (resolved):"] + ["  " + x for x in yaml.safe_dump(to_dict(cfg), sort_keys=False).splitlines()]
+    lines = ["config (resolved):"] + ["  " + x for x in config_yaml(cfg).splitlines()]
     lines += [f"model: {hf.get('model_type', '?')}, {n_params:,} parameters ({cfg.model.param_dtype}), "
               f"{args.num_layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}",
               f"mesh: {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices | global batch "

@@ -100,7 +100,22 @@ class JsonlSource:
         return self.__dict__ | {"_fd": None}
 
 
-class ParquetSource:
+class _RowSource:
+    """A source of table rows (Parquet, Arrow): `_row(index)` gives the record, named `PATH row N`."""
+
+    path: Path
+
+    def where(self, index: int) -> str:
+        """`PATH row N` of record `index` (rows count from 0)."""
+        return f"{self.path} row {index}"
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._row(index)
+        record["_where"] = self.where(index)
+        return record
+
+
+class ParquetSource(_RowSource):
     """Records (rows) of one Parquet file, the table held in memory."""
 
     def __init__(self, path: str | Path):
@@ -117,17 +132,11 @@ class ParquetSource:
     def __len__(self) -> int:
         return len(self._table)
 
-    def where(self, index: int) -> str:
-        """`file row N` of record `index` (rows count from 0)."""
-        return f"{self.path} row {index}"
-
-    def __getitem__(self, index: int) -> dict:
-        record = self._table.slice(index, 1).to_pylist()[0]
-        record["_where"] = self.where(index)
-        return record
+    def _row(self, index: int) -> dict:
+        return self._table.slice(index, 1).to_pylist()[0]
 
 
-class HfDiskSource:
+class HfDiskSource(_RowSource):
     """Records of a Hugging Face dataset saved with `Dataset.save_to_disk` (memory-mapped Arrow)."""
 
     def __init__(self, path: str | Path):
@@ -148,14 +157,8 @@ class HfDiskSource:
     def __len__(self) -> int:
         return len(self._ds)
 
-    def where(self, index: int) -> str:
-        """`directory row N` of record `index` (rows count from 0)."""
-        return f"{self.path} row {index}"
-
-    def __getitem__(self, index: int) -> dict:
-        record = dict(self._ds[int(index)])
-        record["_where"] = self.where(index)
-        return record
+    def _row(self, index: int) -> dict:
+        return dict(self._ds[int(index)])
 
 
 def _open_file(path: Path):
