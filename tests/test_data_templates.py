@@ -307,3 +307,22 @@ def test_prefix_check_from_the_tail_is_exact(name):
             assert n == slow.prefix_len(whole_slow, text[:cut]), (cut, text[:cut][-20:])
             agree += n is not None
     assert agree > 50  # many cuts are token boundaries, and those agree too
+
+
+def test_rendering_many_records_at_once_equals_one_by_one(family):
+    """`prepare` tokenizes chunks of records in one batch: the same ids and masks as one at a time,
+    for a mix of shapes (blank, multi-turn, system, message lists) in one chunk."""
+    name, tok = family
+    records = [{"prompt": P1, "completion": C1}, {"prompt": P2, "completion": "  "},
+               {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": P1},
+                             {"role": "assistant", "content": C1}, {"role": "user", "content": P2},
+                             {"role": "assistant", "content": C2}]},
+               {"prompt": [{"role": "user", "content": P2}], "completion": [{"role": "assistant", "content": C2}],
+                "system": SYSTEM},
+               {"messages": [{"role": "user", "content": P1}]}]
+    renderer = Renderer(tok)
+    together = renderer.render_many(records)
+    for record, (ids, mask) in zip(records, together):
+        one_ids, one_mask = renderer.render(record)
+        assert ids.tolist() == one_ids.tolist() and mask.tolist() == one_mask.tolist()
+    assert sum(int(m.any()) for _, m in together) == 3

@@ -73,9 +73,14 @@ def _fill_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     counts = Counter({length: len(ids) for length, ids in by_length.items()})
     taken_so_far: dict[int, int] = defaultdict(int)
     rows = []
+    fill: dict[int, int] = {}
     while counts:
+        # The last row's fill is still a best one while the examples it takes remain: a best fill of
+        # the remaining examples cannot beat the best fill of a superset of them. Solve anew only then.
+        if not fill or any(counts[length] < n for length, n in fill.items()):
+            fill = _fill(counts, seq_len)
         row = []
-        for length, n in _fill(counts, seq_len).items():
+        for length, n in fill.items():
             start = taken_so_far[length]
             row += by_length[length][start:start + n]
             taken_so_far[length] += n

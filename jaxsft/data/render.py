@@ -174,27 +174,42 @@ class Renderer:
         A blank completion (or a conversation whose assistant turns say nothing) gets an all-zero
         mask: it has nothing to train, which the pipeline treats per `data.empty`.
         """
-        where = record.get("_where", "record")
-        x = normalize(record, self.schema, self.fields)
+        return self.render_many([record])[0]
+
+    def render_many(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`render` of each record. Chat records are templated one by one, then tokenized together
+        (one batch of whole conversations, one of prefix tails), which is most of the work saved."""
+        xs = [normalize(record, self.schema, self.fields) for record in records]
+        wheres = [record.get("_where", "record") for record in records]
+        chats = [i for i, x in enumerate(xs) if x["kind"] != "text" and self.has_template]
+        out: list = [None] * len(records)
+        for i in sorted(set(range(len(records))) - set(chats)):
+            out[i] = self._render_plain(xs[i], wheres[i])
+        for i, (ids, mask) in zip(chats, self._render_chats([xs[i] for i in chats], [wheres[i] for i in chats])):
+            out[i] = ids, mask
+        for i, x in enumerate(xs):
+            ids, mask = out[i]
+            if self.train_on_prompt:
+                mask[:] = 1
+            if x["blank"]:
+                mask[:] = 0
+            out[i] = np.asarray(ids, np.int32), mask
+        return out
+
+    def _render_plain(self, x: dict, where: str) -> tuple[list[int], np.ndarray]:
+        """Text records, and prompt/completion without a chat template."""
         if x["kind"] == "text":
             ids = self.tokens.encode(x["text"], special=True) + [self.eos_id]
-            mask = np.ones(len(ids), np.int32)
-        elif self.has_template:
-            ids, mask = self._render_chat(x, where)
-        elif x["kind"] == "messages" or not isinstance(x["prompt"], str) or not isinstance(x["completion"], str):
+            return ids, np.ones(len(ids), np.int32)
+        if x["kind"] == "messages" or not isinstance(x["prompt"], str) or not isinstance(x["completion"], str):
             raise DataError(f"{where}: this record holds messages, but the tokenizer has no chat template to "
                             f"render them with")
-        else:
-            prompt = f"{x['system']}\n\n{x['prompt']}" if x["system"] else x["prompt"]
-            prompt_ids = self.tokens.encode(prompt, special=True)
-            ids = prompt_ids + self.tokens.encode(x["completion"]) + [self.eos_id]
-            mask = np.zeros(len(ids), np.int32)
-            mask[len(prompt_ids):] = 1
-        if self.train_on_prompt:
-            mask[:] = 1
-        if x["blank"]:
-            mask[:] = 0
-        return np.asarray(ids, np.int32), mask
+        prompt = f"{x['system']}\n\n{x['prompt']}" if x["system"] else x["prompt"]
+        prompt_ids = self.tokens.encode(prompt, special=True)
+        ids = prompt_ids + self.tokens.encode(x["completion"]) + [self.eos_id]
+        mask = np.zeros(len(ids), np.int32)
+        mask[len(prompt_ids):] = 1
+        return ids, mask
 
     def _apply(self, messages: list[dict], tools, generation_prompt: bool, where: str) -> str:
         """What `apply_chat_template(..., tokenize=False)` renders, at a fraction of its per-call cost.
@@ -222,12 +237,43 @@ class Renderer:
         except Exception as e:  # noqa: BLE001 - template errors come as many exception types
             raise DataError(f"{where}: the chat template failed to render this record: {e}") from None
 
-    def _render_chat(self, x: dict, where: str) -> tuple[list[int], np.ndarray]:
+    def _render_chats(self, xs: list[dict], wheres: list[str]) -> list[tuple[list[int], np.ndarray]]:
+        """Chat records: each one's text and the texts of its prefixes at the trained turns' edges
+        (templated), then the tokens of every text and prefix tail in two batches, then the masks."""
+        plans = [self._chat_texts(x, where) for x, where in zip(xs, wheres)]
+        whole_ids = self.tokens.encode_many([text for text, _ in plans])
+        splits = [[self.tokens.split(cut[0]) if cut is not None else None for cut in cuts] for _, cuts in plans]
+        tails = iter(self.tokens.encode_many([sp[2] for cut_splits in splits for sp in cut_splits if sp is not None]))
+        out = []
+        for (text, cuts), cut_splits, ids, where in zip(plans, splits, whole_ids, wheres):
+            whole = Whole(text, ids)
+            ends = []  # token index of each cut: the end of the rendered prefix, or of the whole
+            for cut, sp in zip(cuts, cut_splits):
+                if cut is None:
+                    ends.append(len(ids))
+                    continue
+                prefix, n_messages = cut
+                n = self.tokens.prefix_len(whole, prefix, sp, next(tails) if sp is not None else None)
+                if n is None:
+                    raise DataError(
+                        f"{where}: the tokens of the rendered first {n_messages} message(s) are not a prefix of the "
+                        f"whole conversation's tokens (the text at the boundary, {prefix[-20:]!r} + "
+                        f"{text[len(prefix):len(prefix) + 20]!r}, tokenizes differently), so the trained tokens "
+                        f"cannot be found")
+                ends.append(n)
+            mask = np.zeros(len(ids), np.int32)
+            for a, b in zip(ends[::2], ends[1::2]):
+                mask[a:b] = 1
+            out.append((ids, mask))
+        return out
+
+    def _chat_texts(self, x: dict, where: str) -> tuple[str, list[tuple[str, int] | None]]:
+        """The whole conversation's text and, for each trained turn, the texts it starts and ends
+        after: the conversation before it with the generation prompt (what the model sees before it
+        answers) and the conversation through it (None: the whole), each with its message count."""
         tools = x["tools"]
         if x["kind"] == "messages":
             messages = x["messages"]
-            # Each assistant turn: from the end of the conversation before it (with the generation
-            # prompt) to the end of the conversation through it.
             spans = [(i, i + 1) for i, m in enumerate(messages) if m["role"] == "assistant"]
         else:
             system = [{"role": "system", "content": x["system"]}] if x["system"] else []
@@ -235,30 +281,23 @@ class Renderer:
             completion = _as_messages(x["completion"], "assistant", self.fields, where, self.fields.completion)
             messages = prompt + completion
             spans = [(len(prompt), len(messages))]
-        whole = self.tokens.whole(self._apply(messages, tools, False, where))
-        mask = np.zeros(len(whole.ids), np.int32)
+        text = self._apply(messages, tools, False, where)
+        cuts: list[tuple[str, int] | None] = []
         for start, end in spans:
-            a = self._prefix_len(messages[:start], tools, True, whole, where)
-            b = len(whole.ids) if end == len(messages) else self._prefix_len(messages[:end], tools, False, whole, where)
-            mask[a:b] = 1
-        return whole.ids, mask
+            cuts.append((self._prefix_text(messages[:start], tools, True, text, where), start))
+            cuts.append(None if end == len(messages) else
+                        (self._prefix_text(messages[:end], tools, False, text, where), end))
+        return text, cuts
 
-    def _prefix_len(self, messages: list[dict], tools, generation_prompt: bool, whole: Whole, where: str) -> int:
-        """How many of the conversation's tokens the rendering of its first messages covers."""
-        text, full_text = self._apply(messages, tools, generation_prompt, where), whole.text
+    def _prefix_text(self, messages: list[dict], tools, generation_prompt: bool, full_text: str, where: str) -> str:
+        """The rendering of the conversation's first messages, checked to start the whole's text."""
+        text = self._apply(messages, tools, generation_prompt, where)
         if not full_text.startswith(text):
             raise DataError(
                 f"{where}: the chat template renders the first {len(messages)} message(s) differently alone "
                 f"than inside the whole conversation, so the trained tokens cannot be found "
                 f"(alone it ends {text[-40:]!r})")
-        n = self.tokens.prefix_len(whole, text)
-        if n is None:
-            raise DataError(
-                f"{where}: the tokens of the rendered first {len(messages)} message(s) are not a prefix of the "
-                f"whole conversation's tokens (the text at the boundary, {text[-20:]!r} + "
-                f"{full_text[len(text):len(text) + 20]!r}, tokenizes differently), so the trained tokens cannot "
-                f"be found")
-        return n
+        return text
 
 
 # --- one unpacked example ----------------------------------------------------------------------

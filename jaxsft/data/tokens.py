@@ -57,29 +57,44 @@ class Tokens:
 
     def encode(self, text: str, special: bool = False) -> list[int]:
         """Token ids of `text`; with `special`, the tokenizer's own additions (such as bos) too."""
+        return self.encode_many([text], special)[0]
+
+    def encode_many(self, texts: list[str], special: bool = False) -> list[list[int]]:
+        """Token ids of each text. One call for many texts: the Rust tokenizer spreads them over the
+        CPU cores, and skips computing character offsets, which nothing here needs."""
         if self.backend is not None:
-            # the batch call skips computing character offsets, which nothing here needs
-            return self.backend.encode_batch_fast([text], add_special_tokens=special)[0].ids
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
+        return [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
 
     def whole(self, text: str) -> "Whole":
         """`text` tokenized, kept for the prefix checks."""
         return Whole(text, self.encode(text))
 
-    def prefix_len(self, whole: "Whole", prefix: str) -> int | None:
+    def split(self, prefix: str) -> tuple[int, str, str] | None:
+        """`(added tokens in prefix, the last of them, the text after it)`: what `prefix_len` checks a
+        prefix by; None when prefixes must be tokenized whole (see the module docstring)."""
+        if self.added_re is None:
+            return None
+        last, count = None, 0
+        for last in self.added_re.finditer(prefix):
+            count += 1
+        return (count, last.group(), prefix[last.end():]) if count else None
+
+    def prefix_len(self, whole: "Whole", prefix: str, split: tuple[int, str, str] | None = None,
+                   tail_ids: list[int] | None = None) -> int | None:
         """How many tokens of `whole` are the tokens of `prefix` (a string prefix of its text), or None
-        when the tokens of `prefix` are not a prefix of the whole's tokens."""
+        when the tokens of `prefix` are not a prefix of the whole's tokens. `split` is `split(prefix)`
+        and `tail_ids` its tail's tokens, when the caller tokenized those already (in a batch)."""
         ids = whole.ids
-        if self.added_re is not None:
-            matches = list(self.added_re.finditer(prefix))
-            if matches:  # the c-th added token of the prefix is the c-th added token among the whole's ids
-                positions = whole.added_positions(self.added_id_set)
-                last = matches[-1]
-                if len(matches) <= len(positions) and ids[positions[len(matches) - 1]] == self.added_ids[last.group()]:
-                    start = positions[len(matches) - 1] + 1
-                    tail = self.encode(prefix[last.end():])
-                    if ids[start:start + len(tail)] == tail:
-                        return start + len(tail)
+        split = self.split(prefix) if split is None else split
+        if split is not None:  # the c-th added token of the prefix is the c-th added token among the whole's ids
+            count, last, tail = split
+            positions = whole.added_positions(self.added_id_set)
+            if count <= len(positions) and ids[positions[count - 1]] == self.added_ids[last]:
+                start = positions[count - 1] + 1
+                tail_ids = self.encode(tail) if tail_ids is None else tail_ids
+                if ids[start:start + len(tail_ids)] == tail_ids:
+                    return start + len(tail_ids)
         prefix_ids = self.encode(prefix)  # the whole prefix: tokenizers of any kind, and a mismatched tail
         return len(prefix_ids) if ids[:len(prefix_ids)] == prefix_ids else None
 
