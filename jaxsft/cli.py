@@ -6,7 +6,9 @@
     jaxsft data inspect CONFIG.yaml [section.key=value ...] [-n N] [--json N]
     jaxsft compile CONFIG.yaml --topology v5p-8 [section.key=value ...]
     jaxsft generate MODEL (--prompt TEXT | --file PROMPTS.jsonl) [key=value ...]
-    jaxsft eval CONFIG.yaml --model MODEL [--baseline MODEL] [--out DIR] [section.key=value ...]
+    jaxsft eval CONFIG.yaml --model MODEL [--baseline MODEL] [--few-shot K] [--out DIR] [section.key=value ...]
+    jaxsft curve CONFIG.yaml --sizes 100,300,1000 [--metric NAME] [--few-shot K] [--epochs E] [--out DIR]
+                 [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--model", required=True, help="Hugging Face directory, run directory or checkpoint directory")
     v.add_argument("--baseline", help="a second model to compare with on the same prompts (e.g. the base model)")
     v.add_argument("--out", help="directory for the report (default: the model's run directory, else run.dir)")
+    few_shot = ("also prompt the base model (--baseline, else --model) with K examples of data.train before each "
+                "held-out prompt (eval.few_shot)")
+    v.add_argument("--few-shot", type=int, metavar="K", help=few_shot)
+    cu = sub.add_parser("curve", help="learning curve: train on nested subsets of data.train, evaluate each, plot")
+    cu.add_argument("config", help="YAML config file (data.train, data.eval, train.*, eval.*)")
+    cu.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    cu.add_argument("--sizes", required=True, help="training examples per point, comma-separated, e.g. 100,300,1000")
+    cu.add_argument("--metric", help="what curve.png plots: one of the eval metrics (default: the first) or loss")
+    cu.add_argument("--few-shot", type=int, metavar="K", help="the base model's K-shot baseline too (eval.few_shot)")
+    cu.add_argument("--epochs", type=float, metavar="E",
+                    help="train each size for E epochs: ceil(E x packed rows of the subset / train.batch_size) steps "
+                         "(default: train.steps for every size)")
+    cu.add_argument("--out", help="output directory (default: run.dir followed by -curve)")
     d = sub.add_parser("data", help="look at what the data stage makes of a config's data")
     d_sub = d.add_subparsers(dest="data_command", required=True)
     i = d_sub.add_parser("inspect", help="statistics and examples with their trained tokens highlighted")
@@ -103,7 +118,15 @@ def main(argv: list[str] | None = None) -> int:
             from jaxsft.config import load_config
             from jaxsft.evaluate import markdown, run_eval
 
-            print(markdown(run_eval(load_config(args.config, args.overrides), args.model, args.baseline, args.out)))
+            cfg = load_config(args.config, _few_shot_overrides(args))
+            print(markdown(run_eval(cfg, args.model, args.baseline, args.out)))
+        elif args.command == "curve":
+            from jaxsft.config import load_config
+            from jaxsft.curve import markdown, parse_sizes, run_curve
+
+            sizes = parse_sizes(args.sizes)
+            cfg = load_config(args.config, _few_shot_overrides(args))
+            print(markdown(run_curve(cfg, sizes, out=args.out, metric=args.metric, epochs=args.epochs)))
         elif args.command == "data":
             from jaxsft.config import load_config
             from jaxsft.data.inspect import dump_json, inspect_data
@@ -123,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
               f"already written was changed (files are replaced whole)", file=sys.stderr)
         return 2
     return 0
+
+
+def _few_shot_overrides(args) -> list[str]:
+    """The config overrides with `--few-shot K` as `eval.few_shot=K` (it wins over the others)."""
+    return list(args.overrides) + ([f"eval.few_shot={args.few_shot}"] if args.few_shot is not None else [])
 
 
 def _compile(args) -> int:

@@ -158,6 +158,9 @@ class EvalConfig(GenerateConfig):
     user_metric: str = ""  # "pkg.module:function", called as function(prediction, reference) -> number
     num_generations: int = 64  # held-out prompts to generate for (the first ones); 0: all
     examples: int = 5  # example generations shown in the report
+    # Also prompt the base model with this many data.train examples before each prompt (k-shot);
+    # `--few-shot K` on the command line.
+    few_shot: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +344,7 @@ def validate_generate(cfg: GenerateConfig, prefix: str = "") -> None:
 def validate_eval(cfg: EvalConfig) -> None:
     """Checks the `eval` section."""
     validate_generate(cfg, "eval.")
-    for key in ("num_generations", "examples"):
+    for key in ("num_generations", "examples", "few_shot"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key 'eval.{key}' must be >= 0, got {getattr(cfg, key)}")
     if "label_in_set" in cfg.metrics and not cfg.labels:

@@ -10,8 +10,18 @@ a fine-tuned model and its baseline:
 
 Each prompt is the example's tokens before its (last) trained turn, exactly what the model saw in
 training before it answered; the reference is that turn's text. Both models are evaluated on the
-same records. The report goes to `eval_report.json` and `eval_report.md` (a Markdown table and a
-handful of example generations), all generations to `eval_generations.jsonl`.
+same records. The report goes to `eval_report.json` and `eval_report.md` (a Markdown table, a
+handful of example generations and a one-line verdict), all generations to `eval_generations.jsonl`.
+
+Prompting baselines (`eval.few_shot: K`, `jaxsft eval --few-shot K`): the base model (the baseline,
+else the model) is also evaluated with K examples of `data.train` before each held-out prompt, as
+earlier user/assistant turns of its chat template, or without a template as plain text (each
+example's prompt and completion, then a blank line). The K examples are the first usable records of
+`train_order` (one shuffle seeded by `train.seed`; the learning curve's subsets are taken from the
+same order), the same for every prompt. A prompt that would leave fewer than `eval.max_new_tokens`
+positions of the model's `max_position_embeddings` holds fewer of them (the last ones dropped; the
+report counts such prompts). The k-shot completion loss is over the same held-out answers, each with
+the shots before it.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import dataclasses
 import importlib
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -28,12 +39,13 @@ import numpy as np
 from flax import nnx
 
 from jaxsft import parallel
-from jaxsft.config import Config, EvalConfig
+from jaxsft.config import Config, DataConfig, EvalConfig, FieldsConfig
 from jaxsft.data.pipeline import eval_batches
-from jaxsft.data.render import Renderer
+from jaxsft.data.render import Renderer, normalize
 from jaxsft.data.sources import open_source
 from jaxsft.errors import ConfigError
 from jaxsft.generate import LoadedModel, is_run_source, load_model
+from jaxsft.models import read_hf_config
 from jaxsft.monitor import info
 from jaxsft.train import loss_sums
 
@@ -115,12 +127,15 @@ def score(predictions: list[str], references: list[str], fns: dict) -> dict[str,
 
 @dataclasses.dataclass
 class HeldOut:
-    """One held-out prompt: where it came from, its text (for people), its tokens, the answer."""
+    """One held-out prompt: where it came from, its text (for people), its tokens, the answer; with
+    few-shot prompting, how many shots its tokens hold and the record as rewritten with them."""
 
     where: str
     text: str
     prompt_ids: list[int]
     reference: str
+    shots: int = 0
+    record: dict | None = None
 
 
 def _prompt_text(record: dict, fields) -> str:
@@ -132,9 +147,22 @@ def _prompt_text(record: dict, fields) -> str:
     return str(users[-1]) if users else ""
 
 
-def held_out(cfg: Config, tokenizer, limit: int = 0) -> list[HeldOut]:
+def _answer(mask: np.ndarray) -> tuple[int, int] | None:
+    """`(start, end)` of the last run of trained tokens; None when nothing is trained or nothing
+    comes before it to prompt with."""
+    trained = np.flatnonzero(mask)
+    if not len(trained):
+        return None
+    end = trained[-1] + 1
+    untrained = np.flatnonzero(mask[:end] == 0)
+    start = untrained[-1] + 1 if len(untrained) else 0
+    return (int(start), int(end)) if start else None
+
+
+def held_out(cfg: Config, tokenizer, limit: int = 0, fewshot: FewShot | None = None) -> list[HeldOut]:
     """The first `limit` (0: all) held-out records with something trained, split into the prompt
-    (the tokens before the last trained turn, rendered as in training) and its reference answer."""
+    (the tokens before the last trained turn, rendered as in training) and its reference answer.
+    With `fewshot`, the same records, each prompt with the shots before it."""
     data = dataclasses.replace(cfg.data, train_on_prompt=False)
     renderer = Renderer(tokenizer, data)
     source = open_source(data.eval, "data.eval")
@@ -144,17 +172,126 @@ def held_out(cfg: Config, tokenizer, limit: int = 0) -> list[HeldOut]:
             break
         record = source[i]
         ids, mask = renderer.render(record)
-        trained = np.flatnonzero(mask)
-        if not len(trained):
+        span = _answer(mask)
+        if span is None:
             continue
-        end = trained[-1] + 1
-        untrained = np.flatnonzero(mask[:end] == 0)
-        start = untrained[-1] + 1 if len(untrained) else 0  # where the last trained run begins
-        if start == 0:
-            continue  # nothing before the answer to prompt with
+        start, end = span
         reference = tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=True).strip()
-        items.append(HeldOut(record["_where"], _prompt_text(record, data.fields), ids[:start].tolist(), reference))
+        item = HeldOut(record["_where"], _prompt_text(record, data.fields), ids[:start].tolist(), reference)
+        if fewshot is not None:  # decided on the record as it is: every arm gets the same records
+            item.prompt_ids, item.record, item.shots = fewshot.prompt(record)
+        items.append(item)
     return items
+
+
+# --------------------------------------------------------------------------- few-shot prompting
+
+
+def train_order(n: int, seed: int) -> np.ndarray:
+    """The one shuffle of `n` training records (by `train.seed`) that the few-shot examples and the
+    learning curve's nested subsets are taken from, in this order."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+@dataclasses.dataclass
+class Shot:
+    """A training example shown before the real prompt: its chat turns (the prompt's turns without
+    a system message, then the answer), and `prompt + completion` as plain text (None unless both
+    are strings) for tokenizers without a chat template."""
+
+    where: str
+    messages: list[dict]
+    text: str | None
+
+
+def _turns(value, role: str, fields: FieldsConfig, where: str) -> list[dict]:
+    """A prompt or completion (a string, or messages named by `fields`) as chat messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return normalize({fields.messages: value, "_where": where}, "messages", fields)["messages"]
+
+
+def _conversation(x: dict, fields: FieldsConfig, where: str) -> tuple[list[dict], list[dict]]:
+    """A normalized prompt/completion or messages record as `(the turns before its last answer, that answer)`."""
+    if x["kind"] == "messages":
+        messages = x["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return messages[:last], [messages[last]]
+    system = [{"role": "system", "content": x["system"]}] if x["system"] else []
+    return system + _turns(x["prompt"], "user", fields, where), _turns(x["completion"], "assistant", fields, where)
+
+
+def choose_shots(cfg: Config, k: int, chat: bool) -> list[Shot]:
+    """`k` examples of `data.train`: the first usable records of `train_order` (a prompt and an
+    answer, no tools; without a chat template (`chat` false), string prompt and completion)."""
+    source = open_source(cfg.data.train, "data.train")
+    shots = []
+    for i in train_order(len(source), cfg.train.seed):
+        if len(shots) == k:
+            break
+        record = source[int(i)]
+        x = normalize(record, cfg.data.schema, cfg.data.fields)
+        if x["kind"] == "text" or x["blank"] or x["tools"]:
+            continue
+        plain = x["kind"] == "prompt_completion" and isinstance(x["prompt"], str) and isinstance(x["completion"], str)
+        if not (chat or plain):
+            continue
+        before, answer = _conversation(x, cfg.data.fields, record["_where"])
+        # Each held-out prompt keeps its own system message, first; the shots' own are left out.
+        messages = [m for m in before if m["role"] != "system"] + answer
+        shots.append(Shot(record["_where"], messages, x["prompt"] + x["completion"] if plain else None))
+    if len(shots) < k:
+        raise ConfigError(f"config key 'eval.few_shot' is {k}, but data.train has only {len(shots)} records usable "
+                          f"as examples (a prompt and an answer{'' if chat else ', both strings'})")
+    return shots
+
+
+class FewShot:
+    """Held-out records rewritten with shots before their prompt, rendered as in training.
+
+    A rewritten record is a canonical prompt/completion record: with a chat template, the prompt is
+    the record's system message, the shots' turns, then its own turns before the answer; without
+    one, the shots' text (each followed by a blank line) before the prompt string.
+    """
+
+    def __init__(self, tokenizer, data: DataConfig, shots: list[Shot], max_prompt: int | None):
+        self.data, self.shots, self.max_prompt = data, shots, max_prompt
+        # How the rewritten records are read: canonical field names, only the answer trained.
+        self.rewritten_data = dataclasses.replace(data, schema="prompt_completion", fields=FieldsConfig(),
+                                                  train_on_prompt=False)
+        self.renderer = Renderer(tokenizer, self.rewritten_data)
+        self.longest = 0  # tokens of the longest rewritten record, for its loss
+
+    def record(self, record: dict, k: int) -> dict:
+        """`record` rewritten with the first `k` shots."""
+        x = normalize(record, self.data.schema, self.data.fields)
+        where, shots = record["_where"], self.shots[:k]
+        if not self.renderer.has_template:
+            return {"prompt": "".join(s.text + "\n\n" for s in shots) + x["prompt"], "completion": x["completion"],
+                    "system": x["system"], "_where": where}
+        before, answer = _conversation(x, self.data.fields, where)
+        lead = next((i for i, m in enumerate(before) if m["role"] != "system"), len(before))
+        prompt = before[:lead] + [m for s in shots for m in s.messages] + before[lead:]
+        return {"prompt": prompt, "completion": answer, "tools": x["tools"], "_where": where}
+
+    def prompt(self, record: dict) -> tuple[list[int], dict, int]:
+        """`(prompt ids, rewritten record, shots used)`: as many shots as leave the prompt at most
+        `max_prompt` tokens (all of them when there is no limit)."""
+        for k in range(len(self.shots), -1, -1):
+            rewritten = self.record(record, k)
+            ids, mask = self.renderer.render(rewritten)
+            start = _answer(mask)[0]
+            if self.max_prompt is None or start <= self.max_prompt or k == 0:
+                self.longest = max(self.longest, len(ids))
+                return ids[:start].tolist(), rewritten, k
+
+
+def max_prompt_tokens(loaded: LoadedModel, cfg: EvalConfig) -> int | None:
+    """The longest prompt that leaves `max_new_tokens` positions within the model's
+    `max_position_embeddings`; None when its config.json does not say."""
+    hf = read_hf_config(loaded.run_dir / "hf" if loaded.run_dir else loaded.source)
+    limit = hf.get("max_position_embeddings") or (hf.get("text_config") or {}).get("max_position_embeddings")
+    return max(int(limit) - cfg.max_new_tokens, 1) if limit else None
 
 
 # --------------------------------------------------------------------------- one model
@@ -181,11 +318,40 @@ def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
             "trained_tokens": int(total[1])}
 
 
-def evaluate_model(loaded: LoadedModel, cfg: Config, mesh) -> dict:
-    """One model's numbers and generations on the held-out set (see the module docstring)."""
-    info(f"eval {loaded.source}: completion loss over the held-out set")
-    result = {"source": loaded.source, **completion_loss(loaded, cfg, mesh)}
-    items = held_out(cfg, loaded.tokenizer, cfg.eval.num_generations)
+def fewshot_loss(loaded: LoadedModel, cfg: Config, mesh, items: list[HeldOut], fewshot: FewShot) -> dict[str, float]:
+    """`completion_loss` over the rewritten held-out records: each answer with its shots before it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "eval_fewshot.jsonl"
+        path.write_text("".join(json.dumps({k: v for k, v in it.record.items() if k != "_where"}, ensure_ascii=False,
+                                           default=str) + "\n" for it in items))
+        # Longer rows than training's where the shots need them: an answer is never cut off.
+        data = dataclasses.replace(fewshot.rewritten_data, eval=(str(path),),
+                                   seq_len=max(cfg.data.seq_len, fewshot.longest - 1))
+        return completion_loss(loaded, dataclasses.replace(cfg, data=data), mesh)
+
+
+def evaluate_model(loaded: LoadedModel, cfg: Config, mesh, fewshot: FewShot | None = None) -> dict:
+    """One model's numbers and generations on the held-out set (see the module docstring), with
+    `fewshot`'s shots before each prompt when given."""
+    limit = cfg.eval.num_generations
+    if fewshot is None:
+        info(f"eval {loaded.source}: completion loss over the held-out set")
+        result = {"source": loaded.source, **completion_loss(loaded, cfg, mesh)}
+        items = held_out(cfg, loaded.tokenizer, limit)
+    else:
+        k = len(fewshot.shots)
+        info(f"eval {loaded.source} {k}-shot: completion loss over the held-out set, shots before each answer")
+        items = held_out(cfg, loaded.tokenizer, 0, fewshot)  # all of them: the loss is over the whole set
+        result = {"source": loaded.source, **fewshot_loss(loaded, cfg, mesh, items, fewshot)}
+        items = items[:limit or None]
+        fewer = sum(it.shots < k for it in items)
+        if fewer:
+            info(f"eval {loaded.source} {k}-shot: {fewer} of {len(items)} prompts hold fewer shots, to leave "
+                 f"eval.max_new_tokens positions within max_position_embeddings ({fewshot.max_prompt} prompt tokens)")
+        result["few_shot"] = {"k": k, "shots": [s.where for s in fewshot.shots], "seed": cfg.train.seed,
+                              "chat": fewshot.renderer.has_template, "max_prompt_tokens": fewshot.max_prompt,
+                              "fewer_shots": fewer,
+                              "first_prompt": loaded.tokenizer.decode(items[0].prompt_ids) if items else ""}
     if cfg.eval.metrics or cfg.eval.user_metric:
         info(f"eval {loaded.source}: generating for {len(items)} held-out prompts")
         predictions = loaded.generate([it.prompt_ids for it in items], cfg.eval)
@@ -198,7 +364,8 @@ def evaluate_model(loaded: LoadedModel, cfg: Config, mesh) -> dict:
 # --------------------------------------------------------------------------- the report
 
 
-def _fmt(name: str, value: float) -> str:
+def fmt(name: str, value: float) -> str:
+    """A number of the report as people read it: n/a, loss to 4 digits, counts, else a percentage."""
     if value != value:  # NaN: the metric applied to no prompt
         return "n/a"
     if name in ("loss", "perplexity"):
@@ -208,8 +375,42 @@ def _fmt(name: str, value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _arm(label: str) -> str:
+    """How the verdict names a model's column."""
+    if label == "baseline":
+        return "the baseline"
+    return label.removeprefix("base ") + " prompting" if label.endswith("-shot") else label
+
+
+def verdict(report: dict) -> str:
+    """One line: the last model (the fine-tuned one) against the best of the others, on the first
+    metric, else on the completion loss; empty with one model."""
+    models = report["models"]
+    *others, last = models
+    if not others:
+        return ""
+    metric = next(iter(models[last].get("metrics", {})), None)
+    if metric:
+        def value(k): return 100 * models[k]["metrics"][metric]
+        unit, where = f"points of {metric}", f"on {report['num_prompts']} held-out prompts"
+    else:
+        def value(k): return -models[k]["loss"]  # lower is better
+        unit, where = "in completion loss", "on the held-out set"
+    candidates = [k for k in others if not math.isnan(value(k))]
+    if math.isnan(value(last)) or not candidates:
+        return f"no verdict: {metric} applies to none of the {report['num_prompts']} held-out prompts"
+    best = max(reversed(candidates), key=value)  # a tie goes to the later column (k-shot over zero-shot)
+    diff, digits = value(last) - value(best), 1 if metric else 4
+    if round(diff, digits) == 0:
+        at = f"at {fmt(metric, value(last) / 100)} {metric}" if metric else f"at {-value(last):.4g} completion loss"
+        return f"{_arm(last)} ties with {_arm(best)} {at} {where}"
+    amount = f"{abs(diff):.1f}" if metric else f"{abs(diff):.4g}"
+    return f"{_arm(last)} {'beats' if diff > 0 else 'loses to'} {_arm(best)} by {amount} {unit} {where}"
+
+
 def markdown(report: dict) -> str:
-    """The report as Markdown: one row per number, one column per model, then example generations."""
+    """The report as Markdown: one row per number, one column per model, how the k-shot prompts
+    were made, example generations, then the verdict."""
     models = report["models"]  # label -> result, the baseline first
     labels = list(models)
     rows = ["loss", "perplexity", "token_accuracy"] + list(next(iter(models.values())).get("metrics", {}))
@@ -221,32 +422,68 @@ def markdown(report: dict) -> str:
     for row in rows:
         values = [models[k].get(row, models[k].get("metrics", {}).get(row, float("nan"))) for k in labels]
         name = {"loss": "completion loss", "token_accuracy": "token accuracy"}.get(row, row)
-        lines.append(f"| {name} | " + " | ".join(_fmt(row, v) for v in values) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(row, v) for v in values) + " |")
+    for label in labels:
+        shots = models[label].get("few_shot")
+        if not shots:
+            continue
+        how = "earlier user/assistant turns of the chat template" if shots["chat"] else \
+            "plain text (each prompt and completion, then a blank line)"
+        fewer = (f"; {shots['fewer_shots']} prompts hold fewer, to fit {shots['max_prompt_tokens']:,} prompt tokens "
+                 f"(max_position_embeddings - eval.max_new_tokens)" if shots["fewer_shots"] else "")
+        lines += ["", f"{label}: {shots['k']} records of data.train before each prompt, as {how}: the first of "
+                      f"data.train shuffled by train.seed {shots['seed']} ({', '.join(shots['shots'])}){fewer}. Its "
+                      f"completion loss is computed over the same answers with the shots before each "
+                      f"({models[label]['trained_tokens']:,} trained tokens).",
+                  "", f"## The first {label} prompt", "", "```text", shots["first_prompt"], "```"]
     if report["examples"]:
         lines += ["", "## Examples", ""]
         for ex in report["examples"]:
             lines += [f"**{ex['where']}**: {ex['prompt']!r}", "", f"- reference: `{ex['reference']}`"]
             lines += [f"- {k}: `{ex[k]}`" for k in labels]
             lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    text = "\n".join(lines).rstrip() + "\n"
+    return text + f"\nVerdict: {report['verdict']}.\n" if report.get("verdict") else text
+
+
+def _arms(model: str, baseline: str | None, k: int) -> dict[str, tuple[str, bool]]:
+    """The report's columns: label -> (model source, with shots)."""
+    if not k:
+        return {"baseline": (baseline, False), "fine-tuned": (model, False)} if baseline else {"model": (model, False)}
+    if baseline:
+        return {"base zero-shot": (baseline, False), f"base {k}-shot": (baseline, True), "fine-tuned": (model, False)}
+    return {"zero-shot": (model, False), f"{k}-shot": (model, True)}
 
 
 def run_eval(cfg: Config, model: str, baseline: str | None = None, out: str | None = None,
              devices: list | None = None) -> dict:
     """`jaxsft eval`: evaluates `model` (and `baseline`) on `data.eval`, writes the report, returns it.
 
-    The report goes to `out` (a directory), else the run directory of `model` when it is a run or
-    checkpoint, else `run.dir`.
+    With `eval.few_shot: K` the baseline (else the model) is evaluated twice: as it is (zero-shot)
+    and with K shots (see the module docstring). The report goes to `out` (a directory), else the
+    run directory of `model` when it is a run or checkpoint, else `run.dir`.
     """
     if not cfg.data.eval:
         raise ConfigError("config key 'data.eval' is not set: evaluation needs held-out data")
+    if cfg.eval.few_shot and not cfg.data.train:
+        raise ConfigError(f"config key 'eval.few_shot' is {cfg.eval.few_shot}, but 'data.train' is not set: the "
+                          f"examples come from the training data")
     mesh = parallel.make_mesh(cfg.mesh, devices)
-    sources = {"baseline": baseline, "fine-tuned": model} if baseline else {"model": model}
+    arms = _arms(model, baseline, cfg.eval.few_shot)
     models = {}
-    for label, source in sources.items():
+    for source in dict.fromkeys(s for s, _ in arms.values()):  # one model in memory at a time, each loaded once
         loaded = load_model(source, mesh, cfg.model.param_dtype, cfg.model.compute_dtype)
-        models[label] = evaluate_model(loaded, cfg, mesh)
-        del loaded  # one model in memory at a time
+        for label, (s, with_shots) in arms.items():
+            if s != source:
+                continue
+            fewshot = None
+            if with_shots:
+                chat = bool(getattr(loaded.tokenizer, "chat_template", None))
+                fewshot = FewShot(loaded.tokenizer, cfg.data, choose_shots(cfg, cfg.eval.few_shot, chat),
+                                  max_prompt_tokens(loaded, cfg.eval))
+            models[label] = evaluate_model(loaded, cfg, mesh, fewshot)
+        del loaded
+    models = {label: models[label] for label in arms}
     g = cfg.eval
     decoding = ("greedy" if g.temperature == 0 else f"temperature {g.temperature}, top-k {g.top_k}, "
                 f"top-p {g.top_p}") + f", at most {g.max_new_tokens} new tokens"
@@ -258,6 +495,7 @@ def run_eval(cfg: Config, model: str, baseline: str | None = None, out: str | No
              **{k: generations[k][i]["generation"] for k in models}} for i in range(n)]
     report = {"data": list(cfg.data.eval), "num_prompts": n, "decoding": decoding, "models": models,
               "examples": rows[:g.examples]}
+    report["verdict"] = verdict(report)
     out_dir = Path(out) if out else (_run_dir(model) or Path(cfg.run.dir))
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
-"""The run's curves as one PNG: train and eval loss, learning rate and tokens/s over steps.
+"""Plots as PNG files: a run's curves, and the learning curve of `jaxsft curve`.
 
     jaxsft plot RUN_DIR        # writes RUN_DIR/metrics.png (also written at the end of `train`)
 
-Drawn with matplotlib's Agg backend (no display needed) from `RUN_DIR/metrics.jsonl`, and
-written through a temporary file renamed over the old plot, so it is never half-written.
+`plot_run` draws train and eval loss, learning rate and tokens/s over steps from
+`RUN_DIR/metrics.jsonl`; `plot_curve` draws a metric against the number of training examples, with
+the prompting baselines as horizontal lines. Drawn with matplotlib's Agg backend (no display
+needed), and written through a temporary file renamed over the old plot, so it is never half-written.
 """
 
 from __future__ import annotations
@@ -32,12 +34,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not records:
         raise JaxsftError(f"{metrics}: holds no metrics yet")
     out = Path(out) if out is not None else run_dir / PLOT_NAME
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     ax = axes[0]
     for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
@@ -55,6 +52,21 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
     fig.suptitle(str(run_dir))
+    return _save(fig, out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    """Writes `fig` to `out` through a temporary file renamed over it; closes the figure."""
+    plt = _pyplot()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
     try:
         fig.savefig(tmp, dpi=100)
@@ -65,3 +77,31 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     finally:
         plt.close(fig)
     return out
+
+
+def plot_curve(examples: list[int], values: list[float], baselines: dict[str, float], metric: str,
+               out: str | Path, title: str = "") -> Path:
+    """Draws `metric` of the fine-tuned runs against their training examples (log x axis), each
+    baseline (label -> value) as a horizontal line; writes `out`, returns its path. Metrics other
+    than loss are fractions, shown as percentages."""
+    from matplotlib.ticker import NullFormatter, PercentFormatter
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    ax.plot(examples, values, "o-", label="fine-tuned", zorder=3)
+    for (label, value), style in zip(baselines.items(), ("--", ":", "-.", (0, (5, 1)))):
+        if value == value:  # NaN: the metric applied to no prompt, nothing to draw
+            ax.axhline(value, linestyle=style, color="gray" if "zero" in label else "tab:orange", label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(examples, [f"{n:,}" for n in examples])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if metric not in ("loss", "perplexity"):
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        if all(0 <= v <= 1 for v in [*values, *baselines.values()] if v == v):
+            ax.set_ylim(-0.03, 1.03)  # the whole 0-100% scale, so small gains do not look large
+    ax.set_xlabel("training examples")
+    ax.set_ylabel({"loss": "held-out completion loss"}.get(metric, metric))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title or f"{metric} against training examples")
+    return _save(fig, Path(out))
