@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsft.models import fused
 from jaxsft.models.fused import attention, gated_mlp
 
 B, T, D, F, K, G, H = 2, 24, 16, 40, 2, 3, 8
@@ -56,14 +57,21 @@ def test_gated_mlp_matches_autodiff(act):
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("window", [None, 4])
-def test_attention_matches_autodiff(softcap, window):
+@pytest.mark.parametrize("block", [None, 8, 7], ids=["one-block", "causal-blocks-8", "causal-blocks-7"])
+def test_attention_matches_autodiff(softcap, window, block, monkeypatch):
+    """Also with the causal blocks (queries of each block see only the keys up to its end), at
+    block sizes that divide T and that leave a short last block."""
+    if block is not None:
+        monkeypatch.setattr(fused, "CAUSAL_BLOCK", block)
+        assert len(fused._blocks(T, T, True)) == -(-T // block)
     ks = jax.random.split(jax.random.PRNGKey(1), 4)
     q = 2 * jax.random.normal(ks[0], (B, T, K, G, H))
     k = 2 * jax.random.normal(ks[1], (B, T, K, H))
     v = jax.random.normal(ks[2], (B, T, K, H))
     probe = jax.random.normal(ks[3], (B, T, K, G, H))
     mask = packed_mask(window)
-    ours = jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v, mask, H**-0.5, softcap) * probe),
+    ours = jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v, mask, H**-0.5, softcap, block is not None)
+                                                      * probe),
                               argnums=(0, 1, 2))(q, k, v)
     ref = jax.value_and_grad(lambda q, k, v: jnp.sum(plain_attention(q, k, v, mask, H**-0.5, softcap) * probe),
                              argnums=(0, 1, 2))(q, k, v)

@@ -221,7 +221,10 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
         # softmax(where(mask, cap(q k^T * scale))) v, with a backward pass that recomputes the
         # probabilities instead of keeping [B, K, G, T, S] of them per layer (see fused.py).
-        out = self.o_proj(fused.attention(q, k, v, mask, self.scale, self.softcap).reshape(b, t, n, h))
+        # Without a cache the keys are this call's tokens and the mask is causal: blocks of queries
+        # skip the keys after them.
+        out = fused.attention(q, k, v, mask, self.scale, self.softcap, causal=cache is None)
+        out = self.o_proj(out.reshape(b, t, n, h))
         return out if cache is None else (out, new)
 
 
