@@ -2,7 +2,7 @@
 
     jaxsft curve CONFIG --sizes 100,300,1000 [--metric NAME] [--few-shot K] [--epochs E] [--out DIR]
 
-Each size N trains on the first N records of one shuffle of `data.train` (`evaluate.train_order`,
+Each size N trains on the first N records of one shuffle of `data.train` (`fewshot.train_order`,
 seeded by `train.seed`), so the 100 are inside the 300; the few-shot examples are the first usable
 records of the same order. The subsets are written as JSONL (`DIR/data/train-N.jsonl`, the records'
 own fields), each trained as a normal run by `train` (`DIR/size-N/`: config.yaml, checkpoints,
@@ -33,7 +33,8 @@ from jaxsft.data.pipeline import prepare_train
 from jaxsft.data.render import load_tokenizer
 from jaxsft.data.sources import open_source
 from jaxsft.errors import ConfigError, JaxsftError
-from jaxsft.evaluate import fmt, metric_functions, run_eval, train_order
+from jaxsft.evaluate import fmt, metric_functions, run_eval
+from jaxsft.fewshot import train_order
 from jaxsft.monitor import atomic_write_text, info
 from jaxsft.train import train
 

@@ -16,7 +16,7 @@ from jaxsft.config import load_config
 from jaxsft.curve import parse_sizes, steps_for, write_subsets
 from jaxsft.data.render import load_tokenizer
 from jaxsft.errors import JaxsftError
-from jaxsft.evaluate import train_order
+from jaxsft.fewshot import train_order
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from make_tiny_model import train_tokenizer
 from jaxsft.cli import main
 from jaxsft.config import load_config
 from jaxsft.data.render import load_tokenizer
-from jaxsft.evaluate import FewShot, choose_shots, held_out, train_order, verdict
+from jaxsft.evaluate import held_out, verdict
+from jaxsft.fewshot import FewShot, choose_shots, train_order
 
 K = 3
 
