@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_tiny_model import IM_END, END_OF_TEXT, train_tokenizer  # noqa: E402
 
 from jaxsft.config import DataConfig  # noqa: E402
-from jaxsft.data.pack import BATCH_KEYS, pack_list, packing_efficiency, plan_rows  # noqa: E402
+from jaxsft.data.pack import BATCH_KEYS, pack_list, packing_bound, packing_efficiency, plan_rows  # noqa: E402
 from jaxsft.data.pipeline import batches, eval_batches, prepare_train, train_batches  # noqa: E402
 from jaxsft.data.render import EMPTY, KEPT, OVERLONG, TRUNCATED, Renderer, to_example  # noqa: E402
 from jaxsft.errors import ConfigError, DataError  # noqa: E402
@@ -460,3 +460,20 @@ def test_nothing_left_to_train_is_an_error(chat_tok, tmp_path):
         prepare_train(_cfg(train=(str(path),), seq_len=8, overlong="drop"), chat_tok, seed=0)
     with pytest.raises(DataError, match="no example left to train on in data shard 1 of 2"):
         prepare_train(_cfg(train=(str(path),)), chat_tok, seed=0, process_index=1, process_count=2)
+
+
+def test_packing_bound_and_a_plan_that_reaches_it():
+    """The bound `data inspect` prints: examples of 103-134 tokens (the demo with a digit-splitting
+    tokenizer) fit 4 to a row of 512, never 5, so 92% is the most any packing reaches, and the
+    planner comes within a row of it; with 60-110 tokens the tokens themselves are the limit."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(103, 135, size=2000).tolist()
+    bound, why = packing_bound(lengths, 512)
+    assert why == "no 5 examples fit in 512" and bound == sum(lengths) / (500 * 512)
+    efficiency, rows = packing_efficiency(lengths, 512, 256)
+    assert rows <= 501 and efficiency >= bound - 0.002  # windows of 256 rows are planned one by one
+    short = rng.integers(60, 111, size=2000).tolist()
+    bound, why = packing_bound(short, 512)
+    assert why == "the tokens alone" and bound > 0.99
+    assert packing_efficiency(short, 512, 256)[0] >= 0.97
+    assert packing_bound([300, 300, 300, 10, 10], 512) == (920 / 1536, "examples longer than half a row")

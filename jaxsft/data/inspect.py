@@ -18,6 +18,7 @@ from typing import TextIO
 import numpy as np
 
 from jaxsft.config import Config
+from jaxsft.data.pack import packing_bound
 from jaxsft.data.pipeline import prepare_train, sources
 from jaxsft.data.prepare import DataStats
 from jaxsft.data.render import EMPTY, Renderer, fit, load_tokenizer, nothing_to_train
@@ -63,9 +64,10 @@ def histogram(lengths: list[int], seq_len: int, bins: int = 12, width: int = 40)
     return lines
 
 
-def report(stats: DataStats, cfg: Config) -> list[str]:
-    """The statistics block of `inspect_data`."""
+def report(stats: DataStats, cfg: Config, kept_lengths: list[int]) -> list[str]:
+    """The statistics block of `inspect_data` (`kept_lengths`: the kept examples' tokens, as packed)."""
     d = stats
+    bound, why = packing_bound(kept_lengths, cfg.data.seq_len)
     return [
         f"records     {d.records:,}",
         f"kept        {d.kept:,} ({d.truncated:,} truncated to seq_len {cfg.data.seq_len})",
@@ -74,7 +76,8 @@ def report(stats: DataStats, cfg: Config) -> list[str]:
         f"tokens      {d.tokens:,}, {d.trained:,} trained ({d.trained / max(d.tokens, 1):.1%})",
         f"packing     one epoch into {d.rows:,} rows of {cfg.data.seq_len} "
         f"(windows of {cfg.data.packing_bins} rows)",
-        f"packing efficiency {d.efficiency:.2%} (non-padding fraction of the packed rows)",
+        f"packing efficiency {d.efficiency:.2%} (non-padding fraction of the packed rows; no packing of these "
+        f"lengths can pass {bound:.2%}: {why})",
         "lengths (tokens per example, before truncation):",
         *histogram(d.lengths, cfg.data.seq_len),
     ]
@@ -88,7 +91,8 @@ def inspect_data(cfg: Config, *, examples: int = 3, out: TextIO | None = None, c
     prepared = prepare_train(cfg.data, tokenizer, seed=cfg.train.seed)
     print(f"data: {', '.join(cfg.data.train)} | tokenizer {cfg.model.path} | seq_len {cfg.data.seq_len} | "
           f"schema {cfg.data.schema}", file=out)
-    for line in report(prepared.stats, cfg):
+    kept = [int(n) for store in prepared.stores for n in store.lengths()]
+    for line in report(prepared.stats, cfg, kept):
         print(line, file=out)
     shown = list(itertools.islice(((store, i) for store in prepared.stores for i in range(len(store))), examples))
     if shown:

@@ -229,6 +229,22 @@ def packing_efficiency(lengths: Sequence[int], seq_len: int, window_rows: int) -
     return (total / (rows * seq_len) if rows else 0.0), rows
 
 
+def packing_bound(lengths: Sequence[int], seq_len: int) -> tuple[float, str]:
+    """`(efficiency, why)`: the highest non-padding fraction any packing of these lengths into rows
+    of `seq_len` can reach, from the fewest rows they could need: the tokens' own count; one row
+    each for examples over half a row; and, when the k shortest examples fill a row, n / k."""
+    x = np.sort(np.asarray(lengths, np.int64))
+    if not len(x):
+        return 0.0, ""
+    total = int(x.sum())
+    per_row = int(np.searchsorted(np.cumsum(x), seq_len, side="right"))  # most examples one row can hold
+    bounds = {-(-total // seq_len): "the tokens alone",
+              int((x > seq_len // 2).sum()): "examples longer than half a row",
+              -(-len(x) // max(per_row, 1)): f"no {per_row + 1} examples fit in {seq_len}"}
+    rows = max(bounds)
+    return total / (rows * seq_len), bounds[rows]
+
+
 def pad_row(seq_len: int) -> dict:
     """An all-padding row (segment 0, nothing trained), to fill a short final batch."""
     return {k: np.zeros(seq_len, np.int32) for k in BATCH_KEYS}
