@@ -140,6 +140,9 @@ def topology_devices(name: str) -> tuple[list, str, int]:
     except Exception as e:  # no libtpu, or a shape libtpu rejects
         missing = isinstance(e, ImportError) or "INVALID_ARGUMENT" not in str(e)
         hint = " (is the TPU compiler installed? pip install 'jaxsft[tpu]')" if missing else ""
+        if "lockfile" in str(e):  # libtpu allows one process per host; JAX takes it unless told the host is CPU-only
+            hint = (" (another process on this host holds libtpu: any JAX program started without "
+                    "JAX_PLATFORMS=cpu on a machine with libtpu installed does; wait for it or set that variable)")
         raise ConfigError(f"--topology {name!r}: cannot describe {generation}:{shape}: "
                           f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}{hint}") from None
     return list(desc.devices), generation, chips
