@@ -17,7 +17,7 @@ import pytest
 from conftest import demo_texts
 from jaxsft.config import DataConfig
 from jaxsft.data.render import Renderer
-from jaxsft.data.tokens import Tokens
+from jaxsft.data.tokens import Tokens, Whole
 from jaxsft.errors import DataError
 
 QWEN = """{%- if tools %}
@@ -301,7 +301,7 @@ def test_prefix_check_from_the_tail_is_exact(name):
         texts.append(tok.apply_chat_template(TOOL_CONVERSATION, tools=[WEATHER_TOOL], tokenize=False))
     agree = 0
     for text in texts:
-        whole, whole_slow = fast.whole(text), slow.whole(text)
+        whole, whole_slow = Whole(text, fast.encode(text)), Whole(text, slow.encode(text))
         for cut in range(len(text) + 1):
             n = fast.prefix_len(whole, text[:cut])
             assert n == slow.prefix_len(whole_slow, text[:cut]), (cut, text[:cut][-20:])

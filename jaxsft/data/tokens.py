@@ -66,10 +66,6 @@ class Tokens:
             return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
         return [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
 
-    def whole(self, text: str) -> "Whole":
-        """`text` tokenized, kept for the prefix checks."""
-        return Whole(text, self.encode(text))
-
     def split(self, prefix: str) -> tuple[int, str, str] | None:
         """`(added tokens in prefix, the last of them, the text after it)`: what `prefix_len` checks a
         prefix by; None when prefixes must be tokenized whole (see the module docstring)."""
