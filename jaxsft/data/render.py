@@ -182,18 +182,16 @@ class Renderer:
         xs = [normalize(record, self.schema, self.fields) for record in records]
         wheres = [record.get("_where", "record") for record in records]
         chats = [i for i, x in enumerate(xs) if x["kind"] != "text" and self.has_template]
-        out: list = [None] * len(records)
-        for i in sorted(set(range(len(records))) - set(chats)):
-            out[i] = self._render_plain(xs[i], wheres[i])
-        for i, (ids, mask) in zip(chats, self._render_chats([xs[i] for i in chats], [wheres[i] for i in chats])):
-            out[i] = ids, mask
-        for i, x in enumerate(xs):
-            ids, mask = out[i]
+        rendered = iter(self._render_chats([xs[i] for i in chats], [wheres[i] for i in chats]))
+        chat = set(chats)
+        out = []
+        for i, (x, where) in enumerate(zip(xs, wheres)):
+            ids, mask = next(rendered) if i in chat else self._render_plain(x, where)
             if self.train_on_prompt:
                 mask[:] = 1
             if x["blank"]:
                 mask[:] = 0
-            out[i] = np.asarray(ids, np.int32), mask
+            out.append((np.asarray(ids, np.int32), mask))
         return out
 
     def _render_plain(self, x: dict, where: str) -> tuple[list[int], np.ndarray]:
