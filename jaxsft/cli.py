@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_RUNS_STEPS = ("train", "eval", "curve", "generate")  # commands that execute compiled steps
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; expected mistakes print one message and exit 2."""
     parser = _parser()
@@ -83,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in _RUNS_STEPS:
+        from jaxsft.hostmem import cpu_backend_expected, keep_freed_memory
+
+        if cpu_backend_expected():
+            keep_freed_memory()  # before any thread allocates; see hostmem.py
     try:
         if args.command == "train":
             from jaxsft.config import load_config
