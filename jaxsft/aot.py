@@ -49,7 +49,8 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
 def model_args(hf_config: dict, cfg: Config):
     """The `ModelArgs` a run of `cfg` builds from this `config.json` content."""
     return args_from_hf_config(hf_config, param_dtype=DTYPES[cfg.model.param_dtype],
-                               compute_dtype=DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat)
+                               compute_dtype=DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat,
+                               scan_layers=cfg.model.scan_layers)
 
 
 def abstract_state(args, cfg: Config, mesh: Mesh) -> tuple:

@@ -26,6 +26,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    # true: the layers run as one lax.scan (compile time flat in depth; what large models want);
+    # false: unrolled, no stacked buffers for the saved activations (faster steps for shallow
+    # models on the CPU; compile time grows with depth)
+    scan_layers: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

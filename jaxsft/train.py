@@ -100,7 +100,8 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
     "step"}` of arrays sharded by the logical-axis rules (optimizer moments like their params).
     """
     model = from_pretrained(model_cfg.path, model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
-                            remat=model_cfg.remat, mesh=mesh)
+                            remat=model_cfg.remat,
+                            scan_layers=model_cfg.scan_layers, mesh=mesh)
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     tx, schedule = make_optimizer(opt_cfg, total_steps, params)
@@ -255,7 +256,8 @@ def check_model(cfg: Config):
     hf = read_hf_config(cfg.model.path)
     try:
         args = args_from_hf_config(hf, param_dtype=DTYPES[cfg.model.param_dtype],
-                                   compute_dtype=DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat)
+                                   compute_dtype=DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat,
+                                   scan_layers=cfg.model.scan_layers)
     except ModelError as e:
         raise ModelError(f"{cfg.model.path}: {e}") from None
     return hf, args

@@ -11,7 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from conftest import ROOT
 from jaxsft.errors import ModelError
@@ -65,6 +67,28 @@ def test_remat_does_not_change_logits(tiny_llama, remat):
     base = np.asarray(from_pretrained(tiny_llama)(tokens))
     other = np.asarray(from_pretrained(tiny_llama, remat=remat)(tokens))
     np.testing.assert_allclose(other, base, atol=1e-6)
+
+
+def test_unrolled_layers_match_the_scan(tiny_llama):
+    """`scan_layers=False` runs the same stacked weights layer by layer: same logits, same gradients."""
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, 512, size=(2, 16)))
+
+    def loss_and_grads(model):
+        graphdef, params = nnx.split(model)
+
+        def loss(p):
+            return jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(params)
+        return value, jax.tree.leaves(grads)
+
+    scanned, unrolled = from_pretrained(tiny_llama), from_pretrained(tiny_llama, scan_layers=False)
+    np.testing.assert_allclose(np.asarray(unrolled(tokens)), np.asarray(scanned(tokens)), atol=1e-6)
+    (v1, g1), (v2, g2) = loss_and_grads(scanned), loss_and_grads(unrolled)
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
 def test_pickle_only_checkpoint_is_refused(tiny_llama, tmp_path):

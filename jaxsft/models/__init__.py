@@ -48,7 +48,8 @@ def abstract_model(args: ModelArgs) -> CausalLM:
 
 
 def from_pretrained(hf_dir: str | Path, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
-                    remat: str = "none", mesh: jax.sharding.Mesh | None = None) -> CausalLM:
+                    remat: str = "none", scan_layers: bool = True,
+                    mesh: jax.sharding.Mesh | None = None) -> CausalLM:
     """Builds the model for a Hugging Face directory and loads its safetensors weights.
 
     With `mesh`, each parameter is placed sharded by its logical axes as it is read.
@@ -58,7 +59,7 @@ def from_pretrained(hf_dir: str | Path, dtype: Any = jnp.float32, *, compute_dty
     compute_dtype = DTYPES.get(compute_dtype, compute_dtype)
     try:
         args = args_from_hf_config(read_hf_config(hf_dir), param_dtype=dtype, compute_dtype=compute_dtype,
-                                   remat=remat)
+                                   remat=remat, scan_layers=scan_layers)
     except ModelError as e:
         raise ModelError(f"{hf_dir}: {e}") from None
     graphdef, abstract_state = nnx.split(abstract_model(args))

@@ -72,6 +72,7 @@ class ModelArgs:
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots
+    scan_layers: bool = True  # one lax.scan over the layers; False: unrolled (see config.ModelConfig)
 
 
 class KVCache(NamedTuple):
@@ -351,7 +352,11 @@ class DecoderModel(nnx.Module):
 
             if args.remat != "none":
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[args.remat], prevent_cse=False)
-            x, _ = jax.lax.scan(body, x, (stacked, inv_freq, windows))
+            if args.scan_layers:
+                x, _ = jax.lax.scan(body, x, (stacked, inv_freq, windows))
+            else:  # the same stacked weights, layer i sliced out: checkpoints and shardings do not change
+                for i in range(args.num_layers):
+                    x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], (stacked, inv_freq, windows)))
             return self.norm(x)
 
         def cached_body(carry, xs):

@@ -104,7 +104,7 @@ def _layer_settings(cfg: Any) -> tuple[tuple[Rope, ...], tuple[int, ...]]:
 
 
 def args_from_hf_config(hf: dict, *, param_dtype: Any = jnp.float32, compute_dtype: Any = None,
-                        remat: str = "none") -> ModelArgs:
+                        remat: str = "none", scan_layers: bool = True) -> ModelArgs:
     """ModelArgs for a Hugging Face `config.json` dict; unsupported families fail with the list of supported ones."""
     cfg = hf_config_object(hf)
     family = FAMILIES[cfg.model_type]
@@ -145,4 +145,5 @@ def args_from_hf_config(hf: dict, *, param_dtype: Any = jnp.float32, compute_dty
         param_dtype=param_dtype,
         compute_dtype=compute_dtype or param_dtype,
         remat=remat,
+        scan_layers=scan_layers,
     )
