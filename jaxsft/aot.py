@@ -20,9 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsft import parallel
 from jaxsft.config import Config
-from jaxsft.models import DTYPES, abstract_model
-from jaxsft.models.families import args_from_hf_config
-from jaxsft.train import make_optimizer, make_train_step, opt_state_shardings
+from jaxsft.models import abstract_model
+from jaxsft.train import make_optimizer, make_train_step, model_args, opt_state_shardings
 
 
 @dataclass
@@ -44,13 +43,6 @@ class CompiledStep:
 
 def _with_sharding(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def model_args(hf_config: dict, cfg: Config):
-    """The `ModelArgs` a run of `cfg` builds from this `config.json` content."""
-    return args_from_hf_config(hf_config, param_dtype=DTYPES[cfg.model.param_dtype],
-                               compute_dtype=DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat,
-                               scan_layers=cfg.model.scan_layers)
 
 
 def abstract_state(args, cfg: Config, mesh: Mesh) -> tuple:

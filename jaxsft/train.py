@@ -100,8 +100,7 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
     "step"}` of arrays sharded by the logical-axis rules (optimizer moments like their params).
     """
     model = from_pretrained(model_cfg.path, model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
-                            remat=model_cfg.remat,
-                            scan_layers=model_cfg.scan_layers, mesh=mesh)
+                            remat=model_cfg.remat, scan_layers=model_cfg.scan_layers, mesh=mesh)
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     tx, schedule = make_optimizer(opt_cfg, total_steps, params)
@@ -248,6 +247,13 @@ def check_run_dir_writable(run_dir: Path) -> None:
         raise ConfigError(f"config key 'run.dir' ({run_dir}): cannot write in {existing} ({e.strerror})") from None
 
 
+def model_args(hf_config: dict, cfg: Config):
+    """The `ModelArgs` a run of `cfg` builds from this `config.json` content."""
+    return args_from_hf_config(hf_config, param_dtype=DTYPES[cfg.model.param_dtype],
+                               compute_dtype=DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat,
+                               scan_layers=cfg.model.scan_layers)
+
+
 def check_model(cfg: Config):
     """`(hf_config, ModelArgs)` of `model.path`, read before anything heavier (the tokenizer, the
     weights), so a missing or unsupported model is the first error reported."""
@@ -255,9 +261,7 @@ def check_model(cfg: Config):
         raise ConfigError("config key 'model.path' is not set (a Hugging Face model directory)")
     hf = read_hf_config(cfg.model.path)
     try:
-        args = args_from_hf_config(hf, param_dtype=DTYPES[cfg.model.param_dtype],
-                                   compute_dtype=DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat,
-                                   scan_layers=cfg.model.scan_layers)
+        args = model_args(hf, cfg)
     except ModelError as e:
         raise ModelError(f"{cfg.model.path}: {e}") from None
     return hf, args
