@@ -96,7 +96,6 @@ def _block_scores(qt, kt, mask, a, e, keys, g, scale, softcap):
     return s, mask[:, :, :, a:e, :keys].reshape(mask.shape[0], 1, e - a, 1, keys)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
               softcap: float | None = None, causal: bool = False) -> jax.Array:
     """Grouped-query softmax attention: `softmax(where(mask, cap(q k^T * scale)), -inf) v`.
@@ -104,36 +103,45 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     q: [B, T, K, G, H]; k, v: [B, S, K, H]; mask: bool [B or 1, 1, 1, T, S] (every query row must
     see at least one key, as causal masks do). `causal`: the mask hides every key after the
     query's own index (S == T: training, not decoding with a cache), which lets blocks of queries
-    skip those keys. Returns [B, T, K, G, H].
+    skip those keys. Returns [B, T, K, G, H]. (`attention_t` is the same on the inner layout.)
     """
-    return _attention_fwd(q, k, v, mask, scale, softcap, causal)[0]
-
-
-def _attention_fwd(q, k, v, mask, scale, softcap, causal):
     b, t, kh, g, h = q.shape
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, 1, t, k.shape[1]))
     qt = q.transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    ot = attention_t(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale, softcap, causal, g)
+    return ot.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def attention_t(qt: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array, scale: float,
+                softcap: float | None, causal: bool, groups: int) -> jax.Array:
+    """`attention` on the inner layout: qt [B, K, T*G, H] (row t*G + g), kt, vt [B, K, S, H];
+    returns [B, K, T*G, H]. `groups` is G, the query heads per key/value head."""
+    return _attention_fwd(qt, kt, vt, mask, scale, softcap, causal, groups)[0]
+
+
+def _attention_fwd(qt, kt, vt, mask, scale, softcap, causal, g):
+    b, kh, tg, h = qt.shape
+    t = tg // g
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, 1, t, kt.shape[2]))
     outs, lses = [], []
-    for a, e, keys in _blocks(t, k.shape[1], causal):
+    for a, e, keys in _blocks(t, kt.shape[2], causal):
         s, m = _block_scores(qt, kt, mask, a, e, keys, g, scale, softcap)
         s = jnp.where(m, s, _NEG)
         top = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - top)
         total = jnp.sum(p, axis=-1, keepdims=True)  # [B, K, e-a, G, 1]
-        o = jnp.einsum("BKMS,BKSH->BKMH", p.reshape(b, kh, (e - a) * g, keys).astype(v.dtype), vt[:, :, :keys],
+        o = jnp.einsum("BKMS,BKSH->BKMH", p.reshape(b, kh, (e - a) * g, keys).astype(vt.dtype), vt[:, :, :keys],
                        preferred_element_type=jnp.float32)
-        outs.append((o / total.reshape(b, kh, (e - a) * g, 1)).astype(v.dtype))
+        outs.append((o / total.reshape(b, kh, (e - a) * g, 1)).astype(vt.dtype))
         lses.append(top + jnp.log(total))
     ot = jnp.concatenate(outs, axis=2)  # [B, K, T*G, H]
-    out = ot.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
-    return out, (qt, kt, vt, mask, ot, jnp.concatenate(lses, axis=2))
+    return ot, (qt, kt, vt, mask, ot, jnp.concatenate(lses, axis=2))
 
 
-def _attention_bwd(scale, softcap, causal, residuals, d_out):
+def _attention_bwd(scale, softcap, causal, g, residuals, dot):
     qt, kt, vt, mask, ot, lse = residuals  # lse: [B, K, T, G, 1]
-    b, t, kh, g, h = d_out.shape
-    dot = d_out.transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
+    b, kh, tg, h = dot.shape
+    t = tg // g
     # d softmax: p * (dp - sum_s p dp), and sum_s p dp = sum_h out * d_out.
     delta = jnp.sum(ot.astype(jnp.float32) * dot.astype(jnp.float32), axis=-1).reshape(b, kh, t, g, 1)
     dk = jnp.zeros(kt.shape, jnp.float32)
@@ -153,8 +161,74 @@ def _attention_bwd(scale, softcap, causal, residuals, d_out):
         dqs.append(jnp.einsum("BKMS,BKSH->BKMH", ds, kt[:, :, :keys]))
         dk = dk.at[:, :, :keys].add(jnp.einsum("BKMS,BKMH->BKSH", ds, qt[:, :, a * g:e * g],
                                                preferred_element_type=jnp.float32))
-    dq = jnp.concatenate(dqs, axis=2).reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
-    return dq, dk.transpose(0, 2, 1, 3).astype(kt.dtype), dv.transpose(0, 2, 1, 3).astype(vt.dtype), None
+    return jnp.concatenate(dqs, axis=2), dk.astype(kt.dtype), dv.astype(vt.dtype), None
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+attention_t.defvjp(_attention_fwd, _attention_bwd)
+
+
+# --------------------------------------------------------------------------- q/k/v projections and RoPE
+#
+# Autodiff of `rope(x @ wq)` followed by the move to the attention's inner layout computes the
+# weight gradient as `dq^T x`, and XLA's CPU backend fuses the RoPE backward and both layout
+# changes into one copy of dq into `[N*H, B*T]` that runs several times slower than a plain
+# transpose. Here the backward undoes RoPE in the inner layout, moves dq, dk, dv back to rows of
+# tokens once, side by side (`[B*T, (N+2K)*H]`), and computes the input gradient and all three
+# weight gradients as one matmul each, with x as the first operand of the weight product.
+
+
+def _rope(x, cos, sin):
+    """`x cos + rotate_half(x) sin` (Hugging Face's half-split RoPE), cos and sin broadcast to x."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _rope_transposed(dy, cos, sin):
+    """The transpose of `_rope` (rotating by -angle): the gradient of its input."""
+    z1, z2 = jnp.split(dy * sin, 2, axis=-1)
+    return dy * cos + jnp.concatenate([z2, -z1], axis=-1)
+
+
+@jax.custom_vjp
+def qkv_rope(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, cos: jax.Array,
+             sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys and values of x, RoPE applied to q and k (in float32), in `attention_t`'s layout.
+
+    x: [B, T, D]; wq: [D, N, H]; wk, wv: [D, K, H]; cos, sin: [B, T, H] (float32).
+    Returns qt [B, K, T*G, H] (G = N / K), kt, vt [B, K, T, H], in x's dtype.
+    """
+    return _qkv_rope_fwd(x, wq, wk, wv, cos, sin)[0]
+
+
+def _qkv_rope_fwd(x, wq, wk, wv, cos, sin):
+    b, t, _ = x.shape
+    kh, h = wk.shape[1:]
+    g = wq.shape[1] // kh
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    q = _rope(jnp.einsum("BTD,DNH->BTNH", x, wq).astype(jnp.float32), c, s).astype(x.dtype)
+    k = _rope(jnp.einsum("BTD,DKH->BTKH", x, wk).astype(jnp.float32), c, s).astype(x.dtype)
+    v = jnp.einsum("BTD,DKH->BTKH", x, wv)
+    qt = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
+    return (qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), (x, wq, wk, wv, cos, sin)
+
+
+def _qkv_rope_bwd(residuals, cts):
+    x, wq, wk, wv, cos, sin = residuals
+    dqt, dkt, dvt = cts
+    b, t, d = x.shape
+    kh, h = wk.shape[1:]
+    g = wq.shape[1] // kh
+    c, s = cos[:, None, :, None, :], sin[:, None, :, None, :]  # [B, 1, T, 1, H]
+    dq = _rope_transposed(dqt.reshape(b, kh, t, g, h).astype(jnp.float32), c, s).astype(x.dtype)
+    dk = _rope_transposed(dkt.astype(jnp.float32), c[:, :, :, 0], s[:, :, :, 0]).astype(x.dtype)
+    rows = jnp.concatenate([dq.transpose(0, 2, 1, 3, 4).reshape(b * t, -1), dk.transpose(0, 2, 1, 3).reshape(b * t, -1),
+                            dvt.astype(x.dtype).transpose(0, 2, 1, 3).reshape(b * t, -1)], axis=1)  # [B*T, (N+2K)*H]
+    w = jnp.concatenate([wq.reshape(d, -1), wk.reshape(d, -1), wv.reshape(d, -1)], axis=1)  # [D, (N+2K)*H]
+    dx = jnp.einsum("MC,DC->MD", rows, w).reshape(b, t, d)
+    dw = jnp.einsum("MD,MC->DC", x.reshape(b * t, d), rows)
+    nq, nk = wq.shape[1] * h, kh * h
+    return (dx, dw[:, :nq].reshape(wq.shape), dw[:, nq:nq + nk].reshape(wk.shape), dw[:, nq + nk:].reshape(wv.shape),
+            None, None)
+
+
+qkv_rope.defvjp(_qkv_rope_fwd, _qkv_rope_bwd)
