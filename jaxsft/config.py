@@ -85,6 +85,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the start and the end (when data.eval is set)
     eval_batches: int = 0  # 0: the whole held-out set
     loss_chunk: int = 256  # positions per chunk of the [B, T, V] logits in the loss; 0: whole logits at once
+    loss_whole_mib: int = 64  # float32 logits of a micro-batch up to this size: computed whole, kept (no chunks)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: datasheet table (accelerators) or measured (CPU)
     # A non-finite loss or gradient norm: stop the run (no checkpoint of it is written), or skip that
     # step's update (parameters and optimizer state stay as they were; the data moves on).
@@ -316,7 +317,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'data.weights' must all be positive, got {list(cfg.data.weights)}")
     if cfg.train.steps < 0:
         raise ConfigError(f"config key 'train.steps' must be >= 0, got {cfg.train.steps}")
-    for key, value in {"train.loss_chunk": cfg.train.loss_chunk, "train.peak_tflops": cfg.train.peak_tflops}.items():
+    for key, value in {"train.loss_chunk": cfg.train.loss_chunk, "train.loss_whole_mib": cfg.train.loss_whole_mib,
+                       "train.peak_tflops": cfg.train.peak_tflops}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     if cfg.train.batch_size % cfg.train.grad_accum:

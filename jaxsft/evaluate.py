@@ -176,7 +176,7 @@ def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
 
     def step(params, batch):
         with parallel.activation_sharding(mesh):
-            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, cfg.train.loss_chunk)
+            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, cfg.train.loss_chunk, cfg.train.loss_whole_mib)
             return loss_sum, n, correct
 
     step = jax.jit(step)

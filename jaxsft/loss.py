@@ -2,9 +2,11 @@
 
 The loss of a step is `sum of cross entropy over trained tokens / trained tokens in the global
 batch`; this module returns the sums (loss, trained tokens, correct predictions) so that the
-caller divides once, after summing over micro-batches and devices. The `[B, T, V]` float32 logits
-are never materialized whole: the head is applied to one chunk of positions at a time and
-recomputed in the backward pass.
+caller divides once, after summing over micro-batches and devices. Large `[B, T, V]` float32
+logits (a 128k vocabulary at long sequences) are never materialized whole: the head is applied to
+one chunk of positions at a time and recomputed in the backward pass. Small ones (up to
+`whole_bytes`, 64 MiB by default) are computed at once and kept for the backward pass, which is
+faster and costs little memory.
 """
 
 from __future__ import annotations
@@ -14,25 +16,18 @@ import jax.numpy as jnp
 
 
 def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                       chunk: int = 256, softcap: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       chunk: int = 256, softcap: float | None = None,
+                       whole_bytes: int = 64 * 2**20) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns `(loss_sum, trained_tokens, correct)` over the positions where `loss_mask` is 1.
 
-    hidden: [B, T, D] final hidden states; head: [D, V]; targets, loss_mask: [B, T]. `chunk` is
-    the number of positions whose logits exist at once; 0 computes the whole `[B, T, V]` at once
-    (only for comparison: its memory grows with T x V). `softcap` (Gemma 2) maps the logits to
-    `cap * tanh(logits / cap)` first, as the model's own head does.
+    hidden: [B, T, D] final hidden states; head: [D, V]; targets, loss_mask: [B, T]. Logits of at
+    most `whole_bytes` (float32 `[B, T, V]`) are computed whole and kept for the backward pass;
+    larger ones `chunk` positions at a time, recomputed in the backward pass. `chunk=0` computes
+    them whole at any size (only for comparison: that memory grows with T x V). `softcap` (Gemma 2)
+    maps the logits to `cap * tanh(logits / cap)` first, as the model's own head does.
     """
     b, t, d = hidden.shape
-    chunk = min(chunk or t, t)
-    while t % chunk:  # largest chunk size <= the requested one that divides T
-        chunk -= 1
-    n = t // chunk
-    # [n, B, chunk, ...]: scan over chunks of positions.
-    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
-    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
-    ms = loss_mask.reshape(b, n, chunk).swapaxes(0, 1).astype(jnp.float32)
 
-    @jax.checkpoint
     def one_chunk(h, tgt, m):
         logits = jnp.einsum("BCD,DV->BCV", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
         if softcap is not None:
@@ -41,6 +36,21 @@ def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, l
         target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         correct = (jnp.argmax(logits, axis=-1) == tgt).astype(jnp.float32)
         return jnp.sum((lse - target_logit) * m), jnp.sum(correct * m)
+
+    mask = loss_mask.astype(jnp.float32)
+    if chunk == 0 or b * t * head.shape[1] * 4 <= whole_bytes:
+        loss_sum, correct = one_chunk(hidden, targets, mask)
+        return loss_sum, jnp.sum(mask), correct
+
+    chunk = min(chunk, t)
+    while t % chunk:  # largest chunk size <= the requested one that divides T
+        chunk -= 1
+    n = t // chunk
+    # [n, B, chunk, ...]: scan over chunks of positions, each recomputed in the backward pass.
+    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    ms = mask.reshape(b, n, chunk).swapaxes(0, 1)
+    one_chunk = jax.checkpoint(one_chunk)
 
     def body(carry, xs):
         loss_sum, correct = one_chunk(*xs)

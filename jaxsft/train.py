@@ -73,13 +73,15 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
     return optax.chain(*parts), schedule
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict,
-              loss_chunk: int = 256) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch."""
+def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict, loss_chunk: int = 256,
+              loss_whole_mib: int = 64) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch (see
+    `jaxsft.loss.cross_entropy_sums` for the chunking)."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
     loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"],
-                                              chunk=loss_chunk, softcap=model.logit_softcap)
+                                              chunk=loss_chunk, softcap=model.logit_softcap,
+                                              whole_bytes=loss_whole_mib * 2**20)
     return loss_sum, (n, correct)
 
 
@@ -110,7 +112,7 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
 
 
 def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings, loss_chunk: int = 256,
-                    nonfinite: str = "stop"):
+                    nonfinite: str = "stop", loss_whole_mib: int = 64):
     """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed.
 
     The loss is one sum over every trained token of the global batch (all micro-batches, all
@@ -118,7 +120,7 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardin
     `metrics["finite"]` says whether the loss and gradient norm were finite; with `nonfinite="skip"`
     a step where they are not leaves the parameters and optimizer state as they were.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk, loss_whole_mib), has_aux=True)
 
     def step(state, batch):
         with parallel.activation_sharding(mesh):
@@ -182,11 +184,11 @@ def _updated(step: int, metrics: dict, nonfinite: str) -> bool:
     return False
 
 
-def make_eval_step(graphdef, mesh, params_shardings, loss_chunk: int = 256):
+def make_eval_step(graphdef, mesh, params_shardings, loss_chunk: int = 256, loss_whole_mib: int = 64):
     """The jitted `(params, batch) -> (loss_sum, trained_tokens)`."""
     def step(params, batch):
         with parallel.activation_sharding(mesh):
-            loss_sum, (n, _) = loss_sums(graphdef, params, batch, loss_chunk)
+            loss_sum, (n, _) = loss_sums(graphdef, params, batch, loss_chunk, loss_whole_mib)
             return loss_sum, n
     return jax.jit(step, in_shardings=(params_shardings, parallel.batch_sharding(mesh)))
 
@@ -395,12 +397,14 @@ def train(cfg: Config, devices: list | None = None) -> dict:
              + (" (measured CPU matmul)" if mesh.devices.flat[0].platform == "cpu" and not cfg.train.peak_tflops else ""))
 
     step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings,
-                              cfg.train.loss_chunk, nonfinite=cfg.train.nonfinite)
+                              cfg.train.loss_chunk, nonfinite=cfg.train.nonfinite,
+                              loss_whole_mib=cfg.train.loss_whole_mib)
     eval_fn = None
     if eval_data is not None:
         # Put on the devices once: the same held-out batches serve every evaluation.
         eval_data = [parallel.global_batch(b, mesh) for b in eval_data]
-        eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], cfg.train.loss_chunk)
+        eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], cfg.train.loss_chunk,
+                                 cfg.train.loss_whole_mib)
         if start == 0:
             log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data)})
 

@@ -49,7 +49,8 @@ def eval_file(tmp_path_factory):
 
 def test_completion_loss_matches_hugging_face(tiny_llama, eval_file):
     cfg = load_config(None, [f"model.path={tiny_llama}", f"data.eval={eval_file}", "data.seq_len=256",
-                             "train.batch_size=8", "train.loss_chunk=32"])
+                             "train.batch_size=8", "train.loss_chunk=32",
+                             "train.loss_whole_mib=0"])
     mesh = make_mesh(cfg.mesh)  # 8 fake devices: fsdp=8
     loaded = load_model(tiny_llama, mesh)
     ours = completion_loss(loaded, cfg, mesh)

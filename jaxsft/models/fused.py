@@ -74,6 +74,7 @@ gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
 # multiplies only the keys up to its own end: the keys after it are masked anyway, so the blocks
 # skip nearly half of the score and value products (and their exponentials) at no cost in exactness.
 
+EXP = {}
 CAUSAL_BLOCK = 128  # query positions per block: blocks this size still run the matmuls near full speed
 MAX_BLOCKS = 16  # longer sequences use larger blocks, so the unrolled blocks stay few
 
