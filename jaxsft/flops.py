@@ -41,17 +41,20 @@ def device_peak_flops(device: jax.Device, compute_dtype: str) -> float | None:
     return None
 
 
-def measured_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few float32 `n x n` matmuls on the host CPU (all its cores)."""
+def measured_cpu_peak_flops(n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of the best float32 `n x n` matmul on the host CPU (all its cores), repeated for
+    `seconds` (at least 5 times): on a shared or virtual machine single runs are often slowed by
+    neighbours, and a peak measured in such a moment makes every MFU too high."""
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
+    best, start, runs = float("inf"), time.perf_counter(), 0
+    while runs < 5 or time.perf_counter() - start < seconds:
         t = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
+        runs += 1
     return 2 * n**3 / best
 
 

@@ -10,7 +10,8 @@ sequence length 512, batch 8, float32, packed rows, completion-only loss, on the
 Both tools train for `--steps` steps; the first 3 are warm-up (compilation) and are not counted.
 tokens/s is packed positions per second (batch x seq / median step time), as the TRL script
 prints it. MFU counts 6N + 12LHT FLOPs per position (jaxsft.flops) against a measured float32
-matmul peak of this CPU. Prints a Markdown table.
+matmul peak of this CPU (the best over a few seconds before and after the runs). Prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def main() -> None:
     params = nnx.to_pure_dict(nnx.split(abstract_model(args))[1])
     n_params = sum(x.size for x in jax.tree.leaves(params))
     flops_per_pos = flops.train_flops_per_position(params, args, a.seq)
-    peak = flops.measured_cpu_peak_flops()
+    peak = flops.measured_cpu_peak_flops(seconds=3.0)
 
     t = time.time()
     ours = run_jaxsft(model, a.data, ROOT / "runs" / "bench-jaxsft", a.steps, a.batch, a.seq, a.remat)
@@ -106,6 +107,7 @@ def main() -> None:
             sys.exit(f"bench_train: TRL peer script not found at {a.trl_script} (pass --trl-script or --skip-trl)")
         rows.append(("Hugging Face TRL", run_trl(a.trl_script, a.trl_python, model, a.data, a.steps, a.batch, a.seq)))
 
+    peak = max(peak, flops.measured_cpu_peak_flops(seconds=3.0))  # before and after: the best of both
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__}, measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(f"model: {n_params / 1e6:.1f}M parameters ({args.num_layers} layers, width {args.hidden_size}, "
