@@ -170,11 +170,7 @@ def rope_frequencies(rope: Rope, head_dim: int) -> jax.Array:
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotary embedding in Hugging Face's half-split layout. x: [B,T,*,H]; cos, sin: [B,T,H]."""
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    return fused.rope(x.astype(jnp.float32), cos[:, :, None, :], sin[:, :, None, :]).astype(x.dtype)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

@@ -178,14 +178,14 @@ attention_t.defvjp(_attention_fwd, _attention_bwd)
 # weight gradients as one matmul each, with x as the first operand of the weight product.
 
 
-def _rope(x, cos, sin):
+def rope(x, cos, sin):
     """`x cos + rotate_half(x) sin` (Hugging Face's half-split RoPE), cos and sin broadcast to x."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
 def _rope_transposed(dy, cos, sin):
-    """The transpose of `_rope` (rotating by -angle): the gradient of its input."""
+    """The transpose of `rope` (rotating by -angle): the gradient of its input."""
     z1, z2 = jnp.split(dy * sin, 2, axis=-1)
     return dy * cos + jnp.concatenate([z2, -z1], axis=-1)
 
@@ -206,8 +206,8 @@ def _qkv_rope_fwd(x, wq, wk, wv, cos, sin):
     kh, h = wk.shape[1:]
     g = wq.shape[1] // kh
     c, s = cos[:, :, None, :], sin[:, :, None, :]
-    q = _rope(jnp.einsum("BTD,DNH->BTNH", x, wq).astype(jnp.float32), c, s).astype(x.dtype)
-    k = _rope(jnp.einsum("BTD,DKH->BTKH", x, wk).astype(jnp.float32), c, s).astype(x.dtype)
+    q = rope(jnp.einsum("BTD,DNH->BTNH", x, wq).astype(jnp.float32), c, s).astype(x.dtype)
+    k = rope(jnp.einsum("BTD,DKH->BTKH", x, wk).astype(jnp.float32), c, s).astype(x.dtype)
     v = jnp.einsum("BTD,DKH->BTKH", x, wv)
     qt = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
     return (qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), (x, wq, wk, wv, cos, sin)
