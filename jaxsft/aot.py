@@ -72,7 +72,7 @@ def compile_train_step(model: dict | Any, cfg: Config, mesh: Mesh) -> CompiledSt
     args, graphdef, state, tx, schedule = abstract_state(args, cfg, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, shardings, cfg.train.loss_chunk,
-                           loss_whole_mib=cfg.train.loss_whole_mib)
+                           cfg.train.loss_whole_mib)
     t = time.perf_counter()
     compiled = step.lower(state, abstract_batch(cfg.train.batch_size, cfg.data.seq_len, mesh)).compile()
     return CompiledStep(compiled, args, state["params"], time.perf_counter() - t)

@@ -112,7 +112,7 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
 
 
 def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings, loss_chunk: int = 256,
-                    nonfinite: str = "stop", loss_whole_mib: int = 64):
+                    loss_whole_mib: int = 64, nonfinite: str = "stop"):
     """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed.
 
     The loss is one sum over every trained token of the global batch (all micro-batches, all
@@ -397,8 +397,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
              + (" (measured CPU matmul)" if mesh.devices.flat[0].platform == "cpu" and not cfg.train.peak_tflops else ""))
 
     step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings,
-                              cfg.train.loss_chunk, nonfinite=cfg.train.nonfinite,
-                              loss_whole_mib=cfg.train.loss_whole_mib)
+                              cfg.train.loss_chunk, cfg.train.loss_whole_mib, nonfinite=cfg.train.nonfinite)
     eval_fn = None
     if eval_data is not None:
         # Put on the devices once: the same held-out batches serve every evaluation.

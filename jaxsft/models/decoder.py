@@ -205,17 +205,16 @@ class Attention(nnx.Module):
         """Attention output `[B, T, D]`; with `cache=(k [B,S,K,H], v, index)` (generation) the keys
         are the cache slots with this call's T tokens written at `index`, and the result is
         `(output, (k_new, v_new))` with this call's keys and values `[B, T, K, H]`."""
+        b, t, _ = x.shape
+        n, h = self.q_proj.kernel.shape[-2:]
+        g = n // self.num_kv_heads
         if cache is None and not self.qk_norm and self.q_proj.bias is None:
             # The common training case: projections, RoPE and attention in attention_t's inner
             # layout, with hand-written backward passes (see fused.py).
-            b, t, _ = x.shape
-            n, h = self.q_proj.kernel.shape[-2:]
             qt, kt, vt = fused.qkv_rope(x, *(p.kernel[...].astype(x.dtype) for p in (self.q_proj, self.k_proj,
                                                                                     self.v_proj)), cos, sin)
-            g = n // self.num_kv_heads
-            ot = fused.attention_t(qt, kt, vt, mask, self.scale, self.softcap, True, g)
-            out = ot.reshape(b, self.num_kv_heads, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-            return self.o_proj(out)
+            out = fused.from_inner(fused.attention_t(qt, kt, vt, mask, self.scale, self.softcap, True, g), g)
+            return self.o_proj(out.reshape(b, t, n, h))
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -225,8 +224,7 @@ class Attention(nnx.Module):
             new = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, new[0], index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, new[1], index, axis=1)
-        b, t, n, h = q.shape
-        q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
+        q = q.reshape(b, t, self.num_kv_heads, g, h)
         # softmax(where(mask, cap(q k^T * scale))) v, with a backward pass that recomputes the
         # probabilities instead of keeping [B, K, G, T, S] of them per layer (see fused.py).
         # Without a cache the keys are this call's tokens and the mask is causal: blocks of queries

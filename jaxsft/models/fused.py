@@ -74,7 +74,6 @@ gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
 # multiplies only the keys up to its own end: the keys after it are masked anyway, so the blocks
 # skip nearly half of the score and value products (and their exponentials) at no cost in exactness.
 
-EXP = {}
 CAUSAL_BLOCK = 128  # query positions per block: blocks this size still run the matmuls near full speed
 MAX_BLOCKS = 16  # longer sequences use larger blocks, so the unrolled blocks stay few
 
@@ -106,10 +105,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     query's own index (S == T: training, not decoding with a cache), which lets blocks of queries
     skip those keys. Returns [B, T, K, G, H]. (`attention_t` is the same on the inner layout.)
     """
+    g = q.shape[3]
+    return from_inner(attention_t(to_inner(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale,
+                                  softcap, causal, g), g)
+
+
+def to_inner(q: jax.Array) -> jax.Array:
+    """Queries `[B, T, K, G, H]` in the inner layout `[B, K, T*G, H]` (row t*G + g)."""
     b, t, kh, g, h = q.shape
-    qt = q.transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
-    ot = attention_t(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale, softcap, causal, g)
-    return ot.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
+    return q.transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
+
+
+def from_inner(ot: jax.Array, groups: int) -> jax.Array:
+    """The inner layout `[B, K, T*G, H]` back to `[B, T, K, G, H]`."""
+    b, kh, tg, h = ot.shape
+    return ot.reshape(b, kh, tg // groups, groups, h).transpose(0, 2, 1, 3, 4)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -209,8 +219,7 @@ def _qkv_rope_fwd(x, wq, wk, wv, cos, sin):
     q = rope(jnp.einsum("BTD,DNH->BTNH", x, wq).astype(jnp.float32), c, s).astype(x.dtype)
     k = rope(jnp.einsum("BTD,DKH->BTKH", x, wk).astype(jnp.float32), c, s).astype(x.dtype)
     v = jnp.einsum("BTD,DKH->BTKH", x, wv)
-    qt = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
-    return (qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), (x, wq, wk, wv, cos, sin)
+    return (to_inner(q.reshape(b, t, kh, g, h)), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), (x, wq, wk, wv, cos, sin)
 
 
 def _qkv_rope_bwd(residuals, cts):
