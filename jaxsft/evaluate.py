@@ -35,6 +35,7 @@ from flax import nnx
 
 from jaxsft import parallel
 from jaxsft.config import Config, EvalConfig
+from jaxsft.data.pack import longest_segment
 from jaxsft.data.pipeline import eval_batches
 from jaxsft.data.render import Renderer
 from jaxsft.data.sources import open_source
@@ -42,7 +43,7 @@ from jaxsft.errors import ConfigError
 from jaxsft.generate import LoadedModel, is_run_source, load_model
 from jaxsft.fewshot import FewShot, answer_span, choose_shots, max_prompt_tokens
 from jaxsft.monitor import info
-from jaxsft.train import loss_sums
+from jaxsft.train import global_max, loss_sums
 
 
 # --------------------------------------------------------------------------- metrics
@@ -174,18 +175,21 @@ def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
     """Loss, perplexity and token accuracy over every trained token of the held-out set."""
     graphdef, params = nnx.split(loaded.model)
 
-    def step(params, batch):
+    def step(params, batch, longest):
         with parallel.activation_sharding(mesh):
-            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, cfg.train.loss_chunk, cfg.train.loss_whole_mib)
+            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, cfg.train.loss_chunk, cfg.train.loss_whole_mib,
+                                               longest)
             return loss_sum, n, correct
 
-    step = jax.jit(step)
     batches = eval_batches(cfg.data, loaded.tokenizer, local_batch=cfg.train.batch_size // jax.process_count(),
                            process_index=jax.process_index(), process_count=jax.process_count(),
                            max_batches=cfg.train.eval_batches)
+    # No example is longer than the longest of these rows: attention skips keys further back.
+    longest = global_max(max((longest_segment(b["segment_ids"]) for b in batches), default=0))
+    step = jax.jit(step, static_argnums=2)
     total = np.zeros(3)
     for batch in batches:
-        total += [float(x) for x in step(params, parallel.global_batch(batch, mesh))]
+        total += [float(x) for x in step(params, parallel.global_batch(batch, mesh), longest)]
     loss = total[0] / max(total[1], 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": total[2] / max(total[1], 1.0),
             "trained_tokens": int(total[1])}

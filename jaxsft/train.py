@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
@@ -30,9 +31,10 @@ from flax import nnx
 from jaxsft import flops, parallel
 from jaxsft.checkpoint import Checkpointer, Preemption, SavedArrays, abstract_like
 from jaxsft.config import Config, ModelConfig, OptimizerConfig, config_yaml, to_dict
+from jaxsft.data.pack import longest_segment
 from jaxsft.data.pipeline import check_shards, eval_batches, train_batches
 from jaxsft.data.render import load_tokenizer
-from jaxsft.errors import ConfigError, JaxsftError, ModelError, NonFiniteError
+from jaxsft.errors import ConfigError, DataError, JaxsftError, ModelError, NonFiniteError
 from jaxsft.loss import cross_entropy_sums
 from jaxsft.models import DTYPES, args_from_hf_config, from_pretrained, read_hf_config
 from jaxsft.monitor import MetricsLog, atomic_write_text, info, memory_estimate, summary_lines
@@ -74,11 +76,13 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict, loss_chunk: int = 256,
-              loss_whole_mib: int = 64) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+              loss_whole_mib: int = 64, max_segment_len: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch (see
-    `jaxsft.loss.cross_entropy_sums` for the chunking)."""
+    `jaxsft.loss.cross_entropy_sums` for the chunking). `max_segment_len`: no example in the batch
+    is longer (0: unknown), so attention skips keys further back (`jaxsft.data.pack.longest_segment`)."""
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                 max_segment_len=max_segment_len)
     loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"],
                                               chunk=loss_chunk, softcap=model.logit_softcap,
                                               whole_bytes=loss_whole_mib * 2**20)
@@ -112,15 +116,17 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
 
 
 def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings, loss_chunk: int = 256,
-                    loss_whole_mib: int = 64, nonfinite: str = "stop"):
+                    loss_whole_mib: int = 64, nonfinite: str = "stop", max_segment_len: int = 0):
     """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed.
 
     The loss is one sum over every trained token of the global batch (all micro-batches, all
     devices) divided once by their count, so the update does not depend on how the batch is split.
     `metrics["finite"]` says whether the loss and gradient norm were finite; with `nonfinite="skip"`
     a step where they are not leaves the parameters and optimizer state as they were.
+    `max_segment_len`: the longest example any batch holds (0: unknown; see `loss_sums`).
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk, loss_whole_mib), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk, loss_whole_mib, max_segment_len),
+                                 has_aux=True)
 
     def step(state, batch):
         with parallel.activation_sharding(mesh):
@@ -164,6 +170,15 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardin
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
+def global_max(x: int) -> int:
+    """The largest of every process's `x`."""
+    if jax.process_count() == 1:
+        return int(x)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(x, np.int32))))
+
+
 @jax.jit
 def all_finite(tree: Any) -> jax.Array:
     """Whether every element of every array of `tree` is finite."""
@@ -184,11 +199,12 @@ def _updated(step: int, metrics: dict, nonfinite: str) -> bool:
     return False
 
 
-def make_eval_step(graphdef, mesh, params_shardings, loss_chunk: int = 256, loss_whole_mib: int = 64):
+def make_eval_step(graphdef, mesh, params_shardings, loss_chunk: int = 256, loss_whole_mib: int = 64,
+                   max_segment_len: int = 0):
     """The jitted `(params, batch) -> (loss_sum, trained_tokens)`."""
     def step(params, batch):
         with parallel.activation_sharding(mesh):
-            loss_sum, (n, _) = loss_sums(graphdef, params, batch, loss_chunk, loss_whole_mib)
+            loss_sum, (n, _) = loss_sums(graphdef, params, batch, loss_chunk, loss_whole_mib, max_segment_len)
             return loss_sum, n
     return jax.jit(step, in_shardings=(params_shardings, parallel.batch_sharding(mesh)))
 
@@ -371,6 +387,10 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     if cfg.data.eval:  # read before anything is written: a bad held-out file changes nothing
         eval_data = eval_batches(cfg.data, tokenizer, local_batch=local_batch, process_index=jax.process_index(),
                                  process_count=jax.process_count(), max_batches=cfg.train.eval_batches)
+    # The longest example on any process: attention skips keys further back than that (the same
+    # compiled step everywhere), and each batch is checked against it before its step.
+    max_segment_len = global_max(data_iter.longest)
+    eval_segment_len = global_max(max(longest_segment(b["segment_ids"]) for b in eval_data)) if eval_data else 0
     if start:
         check_same_model(ckpt, start, state["params"], cfg, run_dir)
     _prepare_run_dir(cfg, run_dir)
@@ -397,13 +417,14 @@ def train(cfg: Config, devices: list | None = None) -> dict:
              + (" (measured CPU matmul)" if mesh.devices.flat[0].platform == "cpu" and not cfg.train.peak_tflops else ""))
 
     step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings,
-                              cfg.train.loss_chunk, cfg.train.loss_whole_mib, nonfinite=cfg.train.nonfinite)
+                              cfg.train.loss_chunk, cfg.train.loss_whole_mib, nonfinite=cfg.train.nonfinite,
+                              max_segment_len=max_segment_len)
     eval_fn = None
     if eval_data is not None:
         # Put on the devices once: the same held-out batches serve every evaluation.
         eval_data = [parallel.global_batch(b, mesh) for b in eval_data]
         eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], cfg.train.loss_chunk,
-                                 cfg.train.loss_whole_mib)
+                                 cfg.train.loss_whole_mib, eval_segment_len)
         if start == 0:
             log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data)})
 
@@ -415,6 +436,10 @@ def train(cfg: Config, devices: list | None = None) -> dict:
         with Preemption(ckpt) as preemption:
             for step in range(start, cfg.train.steps):
                 local = next(data_iter)
+                if longest_segment(local["segment_ids"]) > max_segment_len:
+                    raise DataError(f"step {step + 1}: a packed row holds an example of "
+                                    f"{longest_segment(local['segment_ids'])} tokens, longer than the longest "
+                                    f"({max_segment_len}) that the prepared data reported; this is a bug in jaxsft")
                 state, metrics = step_fn(state, parallel.global_batch(local, mesh))
                 steps_since += 1
                 done = step + 1

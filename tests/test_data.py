@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_tiny_model import IM_END, END_OF_TEXT, train_tokenizer  # noqa: E402
 
 from jaxsft.config import DataConfig  # noqa: E402
-from jaxsft.data.pack import BATCH_KEYS, pack_list, packing_bound, packing_efficiency, plan_rows  # noqa: E402
+from jaxsft.data.pack import (BATCH_KEYS, longest_segment, pack_list, packing_bound, packing_efficiency,  # noqa: E402
+                              plan_rows)
 from jaxsft.data.pipeline import batches, eval_batches, prepare_train, train_batches  # noqa: E402
 from jaxsft.data.render import EMPTY, KEPT, OVERLONG, TRUNCATED, Renderer, to_example  # noqa: E402
 from jaxsft.errors import ConfigError, DataError  # noqa: E402
@@ -304,6 +305,21 @@ def test_train_batches(chat_tok, prepared):
                 trained = chat_tok.decode(s["targets"][s["loss_mask"] == 1])
                 assert trained.endswith(IM_END + "\n") and trained[: -len(IM_END) - 1] in completions
                 assert s["tokens"][0] == chat_tok.bos_token_id
+
+
+def test_longest_segment():
+    assert longest_segment(np.array([[1, 1, 1, 2, 2, 0, 0, 0, 0]])) == 3  # padding is not an example
+    assert longest_segment(np.array([[1, 2, 2, 2, 2], [1, 1, 1, 0, 0]])) == 4
+    assert longest_segment(np.zeros((2, 5), np.int32)) == 0
+    assert longest_segment(np.array([[1, 1, 2, 1]])) == 4  # not contiguous: no bound below the row
+
+
+def test_train_batches_know_their_longest_example(chat_tok, prepared):
+    """`longest` (what attention may skip beyond) is the longest prepared example and bounds every row."""
+    it = train_batches(_cfg(), chat_tok, seed=0, global_batch=LOCAL_BATCH, shards=1, report=False)
+    assert it.longest == max(int(st.lengths().max()) for st in prepared.stores)
+    seen = [longest_segment(b["segment_ids"]) for b in _take(it, 20)]
+    assert max(seen) <= it.longest and max(seen) > 0.9 * it.longest
 
 
 def test_train_dataset_deterministic(chat_tok, prepared):

@@ -120,6 +120,31 @@ def test_logits_and_packed_rows_match_hugging_face(family):
         start += n
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_packed_rows_with_longest_example_match_hugging_face(family, scan_layers, monkeypatch):
+    """`max_segment_len` (the longest packed example) lets attention skip keys further back (and, in
+    sliding-window layers, those a window back); the logits of every example stay Hugging Face's."""
+    from jaxsft.models import fused
+
+    monkeypatch.setattr(fused, "LOOKBACK_BLOCK", 4)
+    model_type, hf_dir, hf = family
+    model = from_pretrained(hf_dir, scan_layers=scan_layers)
+    rng = np.random.RandomState(2)
+    lengths = [7, 9, 6]
+    tokens, segments, positions = np.zeros((3, 1, 24), np.int32)
+    start = 0
+    for seg, n in enumerate(lengths, start=1):
+        tokens[0, start:start + n] = rng.randint(0, VOCAB, size=n)
+        segments[0, start:start + n], positions[0, start:start + n] = seg, np.arange(n)
+        start += n
+    packed = np.asarray(jax.jit(lambda *a: model.logits(model.hidden_states(*a, max_segment_len=9)))(
+        tokens, positions, segments))
+    start = 0
+    for n in lengths:
+        assert np.abs(packed[:, start:start + n] - hf_logits(hf, tokens[:, start:start + n])).max() <= 1e-4
+        start += n
+
+
 def test_gradients_match_torch_autograd(family):
     model_type, hf_dir, hf = family
     model = from_pretrained(hf_dir)

@@ -63,13 +63,13 @@ def packed_groups(examples, seq=SEQ):
     return groups
 
 
-def run(model_dir, batches, devices, mesh=MeshConfig(fsdp=1), grad_accum=1):
+def run(model_dir, batches, devices, mesh=MeshConfig(fsdp=1), grad_accum=1, max_segment_len=0):
     """3 train steps on `devices`; returns per-step (loss, grad_norm, trained tokens), the final params
     and the initial params, on the host."""
     m = parallel.make_mesh(mesh, devices)
     _, graphdef, state, tx, schedule = init_state(ModelConfig(path=str(model_dir)), OPT, 10, m)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(graphdef, tx, schedule, grad_accum, m, shardings)
+    step = make_train_step(graphdef, tx, schedule, grad_accum, m, shardings, max_segment_len=max_segment_len)
     initial = jax.device_get(state["params"])
     trace = []
     for batch in batches:
@@ -156,6 +156,20 @@ def test_packed_rows_match_one_example_per_row(tiny_llama, vocab):
         packed.append(rows(groups))
         single.append(rows([[ex] for ex in examples]))
     assert_same(run(tiny_llama, packed, jax.devices()[:1]), run(tiny_llama, single, jax.devices()[:1]))
+
+
+def test_longest_example_bound_gives_the_same_steps(tiny_llama, batches, reference, monkeypatch):
+    """Attention that skips keys further back than the longest packed example (as training runs
+    it, `jaxsft.data.pack.longest_segment`) gives the same losses and update, also on 8 devices."""
+    from jaxsft.data.pack import longest_segment
+    from jaxsft.models import fused
+
+    monkeypatch.setattr(fused, "LOOKBACK_BLOCK", 8)
+    longest = max(longest_segment(b["segment_ids"]) for b in batches)
+    assert 8 < longest < SEQ - 8  # blocks of 8 queries really skip keys
+    assert_same(run(tiny_llama, batches, jax.devices()[:1], max_segment_len=longest), reference)
+    assert_same(run(tiny_llama, batches, jax.devices(), MeshConfig(data=2, fsdp=2, tensor=2),
+                    max_segment_len=longest), reference)
 
 
 def test_uneven_micro_batches_are_not_a_mean_of_means(tiny_llama, vocab):

@@ -253,3 +253,19 @@ def pad_row(seq_len: int) -> dict:
 def stack_rows(rows: list[dict]) -> dict:
     """Stacks rows into a `[rows, seq_len]` batch."""
     return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in BATCH_KEYS}
+
+
+def longest_segment(segment_ids: np.ndarray) -> int:
+    """The most tokens any one example (non-zero segment id) holds in `[..., seq_len]` rows, or
+    `seq_len` where a row's segment is not one contiguous run (then nothing bounds how far back a
+    token attends). The model's attention skips keys further back than this (`max_segment_len`)."""
+    rows = np.asarray(segment_ids).reshape(-1, np.shape(segment_ids)[-1])
+    longest = 0
+    for row in rows:
+        starts = np.flatnonzero(np.diff(row, prepend=row[0] - 1))
+        runs = np.diff(starts, append=len(row))[row[starts] != 0]
+        ids = row[starts][row[starts] != 0]
+        if len(np.unique(ids)) < len(ids):
+            return len(row)
+        longest = max(longest, int(runs.max(initial=0)))
+    return longest

@@ -117,11 +117,12 @@ class ShardedBatches:
     """This process's local batches, assembled from the data shards its rows come from.
 
     An iterator of batch contract dicts `[global_batch / process_count, seq_len]`; `get_state` /
-    `set_state` hold one Grain iterator state per shard, keyed by shard index.
+    `set_state` hold one Grain iterator state per shard, keyed by shard index. `longest` is the
+    most tokens of any example of those shards: no row it yields holds a longer one.
     """
 
-    def __init__(self, iterators: dict[int, Any], plan: list[tuple[int, int, int]], shards: int):
-        self.iterators, self.plan, self.shards = iterators, plan, shards
+    def __init__(self, iterators: dict[int, Any], plan: list[tuple[int, int, int]], shards: int, longest: int = 0):
+        self.iterators, self.plan, self.shards, self.longest = iterators, plan, shards, longest
         # The shards whose first row is this process's: it writes their state into checkpoints.
         self.owned = [s for s, start, _ in plan if start == 0]
 
@@ -154,15 +155,16 @@ def train_batches(cfg: DataConfig, tokenizer, *, seed: int, global_batch: int, s
     check_shards(shards, global_batch, process_count)
     plan = row_plan(global_batch, shards, process_index, process_count)
     per_shard = global_batch // shards
-    iterators = {}
+    iterators, longest = {}, 0
     for s, _, _ in plan:
         prepared = prepare_train(cfg, tokenizer, seed=seed, process_index=s, process_count=shards)
+        longest = max([longest] + [int(store.lengths().max()) for store in prepared.stores])
         if report:
             who = f" (shard {s} of {shards})" if shards > 1 else ""
             _report(prepared, cfg, f" (~{prepared.stats.rows / per_shard:,.0f} steps)", name="data" + who,
                     everywhere=process_count > 1)
         iterators[s] = iter(batches(prepared, cfg, seed=seed, local_batch=per_shard))
-    return ShardedBatches(iterators, plan, shards)
+    return ShardedBatches(iterators, plan, shards, longest)
 
 
 def _report(prepared: Prepared, cfg: DataConfig, epoch: str = "", name: str = "data",

@@ -201,10 +201,12 @@ class Attention(nnx.Module):
         self.softcap = args.attn_softcap
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, lookback: int = 0):
         """Attention output `[B, T, D]`; with `cache=(k [B,S,K,H], v, index)` (generation) the keys
         are the cache slots with this call's T tokens written at `index`, and the result is
-        `(output, (k_new, v_new))` with this call's keys and values `[B, T, K, H]`."""
+        `(output, (k_new, v_new))` with this call's keys and values `[B, T, K, H]`. `lookback`
+        (without a cache; 0: none): the mask hides every key that many or more tokens back, so the
+        attention skips them (see `fused.attention`)."""
         b, t, _ = x.shape
         n, h = self.q_proj.kernel.shape[-2:]
         g = n // self.num_kv_heads
@@ -213,7 +215,7 @@ class Attention(nnx.Module):
             # layout, with hand-written backward passes (see fused.py).
             qt, kt, vt = fused.qkv_rope(x, *(p.kernel[...].astype(x.dtype) for p in (self.q_proj, self.k_proj,
                                                                                     self.v_proj)), cos, sin)
-            out = fused.from_inner(fused.attention_t(qt, kt, vt, mask, self.scale, self.softcap, True, g), g)
+            out = fused.from_inner(fused.attention_t(qt, kt, vt, mask, self.scale, self.softcap, True, g, lookback), g)
             return self.o_proj(out.reshape(b, t, n, h))
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm:
@@ -229,7 +231,8 @@ class Attention(nnx.Module):
         # probabilities instead of keeping [B, K, G, T, S] of them per layer (see fused.py).
         # Without a cache the keys are this call's tokens and the mask is causal: blocks of queries
         # skip the keys after them.
-        out = fused.attention(q, k, v, mask, self.scale, self.softcap, causal=cache is None)
+        out = fused.attention(q, k, v, mask, self.scale, self.softcap, causal=cache is None,
+                              lookback=lookback if cache is None else 0)
         out = self.o_proj(out.reshape(b, t, n, h))
         return out if cache is None else (out, new)
 
@@ -271,9 +274,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(args, lead, lead_axes, rngs=rngs)
         self.sandwich = args.sandwich_norms
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache=None):
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache=None,
+                 lookback: int = 0):
         """The block's output `[B, T, D]`; with a layer `cache` (see `Attention`), `(output, (k_new, v_new))`."""
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, lookback)
         if cache is not None:
             attn, new_kv = attn
         if self.sandwich:
@@ -284,6 +288,14 @@ class DecoderLayer(nnx.Module):
             x = x + self.mlp(self.post_attention_layernorm(x))
         x = constrain(x, ("batch", "length", "act_embed"))
         return x if cache is None else (x, new_kv)
+
+
+def layer_lookbacks(max_segment_len: int, windows: tuple[int, ...]) -> tuple[int, ...]:
+    """Per layer, how far back a token can see keys in packed rows whose segments hold at most
+    `max_segment_len` tokens (0: unknown): the shorter of that and the layer's window; 0 = all."""
+    if not max_segment_len:
+        return (0,) * len(windows)
+    return tuple(min(max_segment_len, w) if w else max_segment_len for w in windows)
 
 
 _REMAT_POLICIES = {
@@ -314,12 +326,18 @@ class DecoderModel(nnx.Module):
         self.norm = RMSNorm((args.hidden_size,), ("norm",), args, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, max_segment_len: int = 0):
         """Final-norm hidden states `[B, T, D]`; with a `cache` (generation), `(hidden, new_cache)`.
 
         Without a cache a token sees the earlier tokens of its segment (training, packed rows).
         With one it sees the cache's filled slots at positions up to its own, this call's tokens
         included; tokens with `segment_ids == 0` are padding, written as empty slots.
+
+        `max_segment_len` (without a cache; 0: unknown) is the caller's promise that each segment
+        is one run of at most that many tokens whose positions count up by one (packed rows):
+        then no token sees a key that many tokens back (nor, in a sliding-window layer, one a
+        window back), and attention skips those keys (the padding rows' outputs, trained on by
+        nothing, may differ).
         """
         args = self.args
         x = self.embed_tokens(tokens).astype(args.compute_dtype)
@@ -350,18 +368,22 @@ class DecoderModel(nnx.Module):
             return jnp.cos(angles), jnp.sin(angles), mask[:, None, None, :, :]
 
         if cache is None:
-            def body(h, xs):
+            lookbacks = layer_lookbacks(max_segment_len, args.layer_windows or (0,) * args.num_layers)
+
+            def body(h, xs, lookback):
                 layer_state, layer_inv_freq, window = xs
                 layer = nnx.merge(graphdef, layer_state)
-                return layer(h, *layer_inputs(layer_inv_freq, window)), None
+                return layer(h, *layer_inputs(layer_inv_freq, window), lookback=lookback), None
 
             if args.remat != "none":
-                body = jax.checkpoint(body, policy=_REMAT_POLICIES[args.remat], prevent_cse=False)
-            if args.scan_layers:
-                x, _ = jax.lax.scan(body, x, (stacked, inv_freq, windows))
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[args.remat], prevent_cse=False,
+                                      static_argnums=(2,))
+            if args.scan_layers:  # one lookback for all layers: the largest
+                x, _ = jax.lax.scan(lambda h, xs: body(h, xs, 0 if 0 in lookbacks else max(lookbacks)), x,
+                                    (stacked, inv_freq, windows))
             else:  # the same stacked weights, layer i sliced out: checkpoints and shardings do not change
                 for i in range(args.num_layers):
-                    x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], (stacked, inv_freq, windows)))
+                    x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], (stacked, inv_freq, windows)), lookbacks[i])
             return self.norm(x)
 
         def cached_body(carry, xs):
@@ -391,15 +413,16 @@ class CausalLM(nnx.Module):
                                   dtype=args.param_dtype, rngs=rngs)
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+                      segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                      max_segment_len: int = 0):
         """Final-norm hidden states `[B, T, D]` (the loss applies the head itself, in chunks);
-        with a `cache`, `(hidden, new_cache)` (see `DecoderModel`)."""
+        with a `cache`, `(hidden, new_cache)` (see `DecoderModel`, also for `max_segment_len`)."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        return self.model(tokens, positions, segment_ids, cache)
+        return self.model(tokens, positions, segment_ids, cache, max_segment_len)
 
     def head_kernel(self) -> jax.Array:
         """The `[D, V]` output projection (the embedding, transposed, when tied)."""

@@ -73,41 +73,51 @@ gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
 # `[B, T, K, G, H]` layout. With `causal=True` the query rows are taken in blocks and each block
 # multiplies only the keys up to its own end: the keys after it are masked anyway, so the blocks
 # skip nearly half of the score and value products (and their exponentials) at no cost in exactness.
+# With a `lookback` (packed rows whose longest example has that many tokens, or a sliding window)
+# each block also starts its keys `lookback - 1` before its first query: a block of 32 queries in
+# rows of ~130-token examples multiplies ~165 keys instead of up to all 512. Where the score
+# passes, not the matmuls, dominate (the CPU), this is where attention's time goes.
 
 CAUSAL_BLOCK = 128  # query positions per block: blocks this size still run the matmuls near full speed
+LOOKBACK_BLOCK = 32  # with a lookback, smaller blocks skip more keys
 MAX_BLOCKS = 16  # longer sequences use larger blocks, so the unrolled blocks stay few
 
 
-def _blocks(t: int, s: int, causal: bool) -> list[tuple[int, int, int]]:
-    """`(first query, end query, keys)` per block: queries `[a, e)` see keys `[0, keys)`."""
-    size = max(CAUSAL_BLOCK, -(-t // MAX_BLOCKS))
+def _blocks(t: int, s: int, causal: bool, lookback: int = 0) -> list[tuple[int, int, int, int]]:
+    """`(first query, end query, first key, end key)` per block: queries `[a, e)` see keys `[k0, k1)`."""
+    lookback = lookback if 0 < lookback < t else 0
+    size = max(LOOKBACK_BLOCK if lookback else CAUSAL_BLOCK, -(-t // MAX_BLOCKS))
     if not causal or t <= size:
-        return [(0, t, s)]
-    return [(a, min(t, a + size), min(t, a + size)) for a in range(0, t, size)]
+        return [(0, t, 0, s)]
+    return [(a, min(t, a + size), max(0, a - lookback + 1) if lookback else 0, min(t, a + size))
+            for a in range(0, t, size)]
 
 
-def _block_scores(qt, kt, mask, a, e, keys, g, scale, softcap):
-    """Block scores `[B, K, e-a, G, keys]` (float32, capped) and the block's mask, broadcastable to them."""
+def _block_scores(qt, kt, mask, a, e, k0, k1, g, scale, softcap):
+    """Block scores `[B, K, e-a, G, k1-k0]` (float32, capped) and the block's mask, broadcastable to them."""
     b, kh = qt.shape[:2]
-    s = jnp.einsum("BKMH,BKSH->BKMS", qt[:, :, a * g:e * g], kt[:, :, :keys],
-                   preferred_element_type=jnp.float32).reshape(b, kh, e - a, g, keys) * scale
+    s = jnp.einsum("BKMH,BKSH->BKMS", qt[:, :, a * g:e * g], kt[:, :, k0:k1],
+                   preferred_element_type=jnp.float32).reshape(b, kh, e - a, g, k1 - k0) * scale
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
-    return s, mask[:, :, :, a:e, :keys].reshape(mask.shape[0], 1, e - a, 1, keys)
+    return s, mask[:, :, :, a:e, k0:k1].reshape(mask.shape[0], 1, e - a, 1, k1 - k0)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-              softcap: float | None = None, causal: bool = False) -> jax.Array:
+              softcap: float | None = None, causal: bool = False, lookback: int = 0) -> jax.Array:
     """Grouped-query softmax attention: `softmax(where(mask, cap(q k^T * scale)), -inf) v`.
 
     q: [B, T, K, G, H]; k, v: [B, S, K, H]; mask: bool [B or 1, 1, 1, T, S] (every query row must
     see at least one key, as causal masks do). `causal`: the mask hides every key after the
     query's own index (S == T: training, not decoding with a cache), which lets blocks of queries
-    skip those keys. Returns [B, T, K, G, H]. (`attention_t` is the same on the inner layout.)
+    skip those keys. `lookback` (with `causal`; 0: none): the mask also hides every key `lookback`
+    or more positions before the query (packed examples of at most that many tokens, or a sliding
+    window), so blocks skip those keys too. Returns [B, T, K, G, H]. (`attention_t` is the same on
+    the inner layout.)
     """
     g = q.shape[3]
     return from_inner(attention_t(to_inner(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale,
-                                  softcap, causal, g), g)
+                                  softcap, causal, g, lookback), g)
 
 
 def to_inner(q: jax.Array) -> jax.Array:
@@ -122,34 +132,34 @@ def from_inner(ot: jax.Array, groups: int) -> jax.Array:
     return ot.reshape(b, kh, tg // groups, groups, h).transpose(0, 2, 1, 3, 4)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def attention_t(qt: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array, scale: float,
-                softcap: float | None, causal: bool, groups: int) -> jax.Array:
+                softcap: float | None, causal: bool, groups: int, lookback: int) -> jax.Array:
     """`attention` on the inner layout: qt [B, K, T*G, H] (row t*G + g), kt, vt [B, K, S, H];
     returns [B, K, T*G, H]. `groups` is G, the query heads per key/value head."""
-    return _attention_fwd(qt, kt, vt, mask, scale, softcap, causal, groups)[0]
+    return _attention_fwd(qt, kt, vt, mask, scale, softcap, causal, groups, lookback)[0]
 
 
-def _attention_fwd(qt, kt, vt, mask, scale, softcap, causal, g):
+def _attention_fwd(qt, kt, vt, mask, scale, softcap, causal, g, lookback):
     b, kh, tg, h = qt.shape
     t = tg // g
     mask = jnp.broadcast_to(mask, (mask.shape[0], 1, 1, t, kt.shape[2]))
     outs, lses = [], []
-    for a, e, keys in _blocks(t, kt.shape[2], causal):
-        s, m = _block_scores(qt, kt, mask, a, e, keys, g, scale, softcap)
+    for a, e, k0, k1 in _blocks(t, kt.shape[2], causal, lookback):
+        s, m = _block_scores(qt, kt, mask, a, e, k0, k1, g, scale, softcap)
         s = jnp.where(m, s, _NEG)
         top = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - top)
         total = jnp.sum(p, axis=-1, keepdims=True)  # [B, K, e-a, G, 1]
-        o = jnp.einsum("BKMS,BKSH->BKMH", p.reshape(b, kh, (e - a) * g, keys).astype(vt.dtype), vt[:, :, :keys],
-                       preferred_element_type=jnp.float32)
+        o = jnp.einsum("BKMS,BKSH->BKMH", p.reshape(b, kh, (e - a) * g, k1 - k0).astype(vt.dtype),
+                       vt[:, :, k0:k1], preferred_element_type=jnp.float32)
         outs.append((o / total.reshape(b, kh, (e - a) * g, 1)).astype(vt.dtype))
         lses.append(top + jnp.log(total))
     ot = jnp.concatenate(outs, axis=2)  # [B, K, T*G, H]
     return ot, (qt, kt, vt, mask, ot, jnp.concatenate(lses, axis=2))
 
 
-def _attention_bwd(scale, softcap, causal, g, residuals, dot):
+def _attention_bwd(scale, softcap, causal, g, lookback, residuals, dot):
     qt, kt, vt, mask, ot, lse = residuals  # lse: [B, K, T, G, 1]
     b, kh, tg, h = dot.shape
     t = tg // g
@@ -158,19 +168,19 @@ def _attention_bwd(scale, softcap, causal, g, residuals, dot):
     dk = jnp.zeros(kt.shape, jnp.float32)
     dv = jnp.zeros(vt.shape, jnp.float32)
     dqs = []
-    for a, e, keys in _blocks(t, kt.shape[2], causal):
-        capped, m = _block_scores(qt, kt, mask, a, e, keys, g, scale, softcap)
+    for a, e, k0, k1 in _blocks(t, kt.shape[2], causal, lookback):
+        capped, m = _block_scores(qt, kt, mask, a, e, k0, k1, g, scale, softcap)
         p = jnp.where(m, jnp.exp(capped - lse[:, :, a:e]), 0.0)  # float32 probabilities, recomputed
         do = dot[:, :, a * g:e * g]
-        dv = dv.at[:, :, :keys].add(jnp.einsum("BKMS,BKMH->BKSH", p.reshape(b, kh, (e - a) * g, keys).astype(vt.dtype),
-                                               do, preferred_element_type=jnp.float32))
-        dp = jnp.einsum("BKMH,BKSH->BKMS", do, vt[:, :, :keys], preferred_element_type=jnp.float32)
-        ds = p * (dp.reshape(b, kh, e - a, g, keys) - delta[:, :, a:e])
+        dv = dv.at[:, :, k0:k1].add(jnp.einsum("BKMS,BKMH->BKSH", p.reshape(b, kh, (e - a) * g, k1 - k0).astype(
+            vt.dtype), do, preferred_element_type=jnp.float32))
+        dp = jnp.einsum("BKMH,BKSH->BKMS", do, vt[:, :, k0:k1], preferred_element_type=jnp.float32)
+        ds = p * (dp.reshape(b, kh, e - a, g, k1 - k0) - delta[:, :, a:e])
         if softcap is not None:
             ds = ds * (1.0 - jnp.square(capped / softcap))  # d/dx c tanh(x/c) = 1 - tanh^2
-        ds = (ds * scale).reshape(b, kh, (e - a) * g, keys).astype(qt.dtype)
-        dqs.append(jnp.einsum("BKMS,BKSH->BKMH", ds, kt[:, :, :keys]))
-        dk = dk.at[:, :, :keys].add(jnp.einsum("BKMS,BKMH->BKSH", ds, qt[:, :, a * g:e * g],
+        ds = (ds * scale).reshape(b, kh, (e - a) * g, k1 - k0).astype(qt.dtype)
+        dqs.append(jnp.einsum("BKMS,BKSH->BKMH", ds, kt[:, :, k0:k1]))
+        dk = dk.at[:, :, k0:k1].add(jnp.einsum("BKMS,BKMH->BKSH", ds, qt[:, :, a * g:e * g],
                                                preferred_element_type=jnp.float32))
     return jnp.concatenate(dqs, axis=2), dk.astype(kt.dtype), dv.astype(vt.dtype), None
 
