@@ -43,7 +43,7 @@ from jaxsft.errors import ConfigError
 from jaxsft.generate import LoadedModel, is_run_source, load_model
 from jaxsft.fewshot import FewShot, answer_span, choose_shots, max_prompt_tokens
 from jaxsft.monitor import info
-from jaxsft.train import global_max, loss_sums
+from jaxsft.train import loss_sums
 
 
 # --------------------------------------------------------------------------- metrics
@@ -185,7 +185,7 @@ def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
                            process_index=jax.process_index(), process_count=jax.process_count(),
                            max_batches=cfg.train.eval_batches)
     # No example is longer than the longest of these rows: attention skips keys further back.
-    longest = global_max(max((longest_segment(b["segment_ids"]) for b in batches), default=0))
+    longest = parallel.global_max(max((longest_segment(b["segment_ids"]) for b in batches), default=0))
     step = jax.jit(step, static_argnums=2)
     total = np.zeros(3)
     for batch in batches:

@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
@@ -168,15 +167,6 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardin
 
     return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=(state_shardings, None), donate_argnums=0)
-
-
-def global_max(x: int) -> int:
-    """The largest of every process's `x`."""
-    if jax.process_count() == 1:
-        return int(x)
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.asarray(x, np.int32))))
 
 
 @jax.jit
@@ -389,8 +379,8 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                                  process_count=jax.process_count(), max_batches=cfg.train.eval_batches)
     # The longest example on any process: attention skips keys further back than that (the same
     # compiled step everywhere), and each batch is checked against it before its step.
-    max_segment_len = global_max(data_iter.longest)
-    eval_segment_len = global_max(max(longest_segment(b["segment_ids"]) for b in eval_data)) if eval_data else 0
+    max_segment_len = parallel.global_max(data_iter.longest)
+    eval_segment_len = parallel.global_max(max(longest_segment(b["segment_ids"]) for b in eval_data)) if eval_data else 0
     if start:
         check_same_model(ckpt, start, state["params"], cfg, run_dir)
     _prepare_run_dir(cfg, run_dir)
@@ -436,10 +426,11 @@ def train(cfg: Config, devices: list | None = None) -> dict:
         with Preemption(ckpt) as preemption:
             for step in range(start, cfg.train.steps):
                 local = next(data_iter)
-                if longest_segment(local["segment_ids"]) > max_segment_len:
-                    raise DataError(f"step {step + 1}: a packed row holds an example of "
-                                    f"{longest_segment(local['segment_ids'])} tokens, longer than the longest "
-                                    f"({max_segment_len}) that the prepared data reported; this is a bug in jaxsft")
+                longest = longest_segment(local["segment_ids"])
+                if longest > max_segment_len:
+                    raise DataError(f"step {step + 1}: a packed row holds an example of {longest} tokens, longer "
+                                    f"than the longest ({max_segment_len}) that the prepared data reported; this "
+                                    f"is a bug in jaxsft")
                 state, metrics = step_fn(state, parallel.global_batch(local, mesh))
                 steps_since += 1
                 done = step + 1

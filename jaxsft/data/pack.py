@@ -259,13 +259,14 @@ def longest_segment(segment_ids: np.ndarray) -> int:
     """The most tokens any one example (non-zero segment id) holds in `[..., seq_len]` rows, or
     `seq_len` where a row's segment is not one contiguous run (then nothing bounds how far back a
     token attends). The model's attention skips keys further back than this (`max_segment_len`)."""
-    rows = np.asarray(segment_ids).reshape(-1, np.shape(segment_ids)[-1])
-    longest = 0
-    for row in rows:
-        starts = np.flatnonzero(np.diff(row, prepend=row[0] - 1))
-        runs = np.diff(starts, append=len(row))[row[starts] != 0]
-        ids = row[starts][row[starts] != 0]
-        if len(np.unique(ids)) < len(ids):
-            return len(row)
-        longest = max(longest, int(runs.max(initial=0)))
-    return longest
+    s = np.asarray(segment_ids)
+    s = s.reshape(-1, s.shape[-1])
+    starts = np.ones(s.shape, bool)
+    starts[:, 1:] = s[:, 1:] != s[:, :-1]  # where a run of one id begins
+    runs = np.bincount(np.cumsum(starts) - 1)  # the length of every run, row after row
+    ids = s[starts]
+    sorted_ids = np.sort(s, axis=1)
+    distinct = (sorted_ids != 0) & np.concatenate([starts[:, :1], sorted_ids[:, 1:] != sorted_ids[:, :-1]], axis=1)
+    if (distinct.sum(1) < (starts & (s != 0)).sum(1)).any():  # an id in two runs of one row
+        return s.shape[1]
+    return int(runs[ids != 0].max(initial=0))
