@@ -42,6 +42,16 @@ def plain_attention(q, k, v, mask, scale, softcap):
     return jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(s, axis=-1), v)
 
 
+def attention_grads(fn, seed):
+    """`(value, (dq, dk, dv))` of `sum(fn(q, k, v) * probe)` at random q, k, v and probe."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = 2 * jax.random.normal(ks[0], (B, T, K, G, H))
+    k = 2 * jax.random.normal(ks[1], (B, T, K, H))
+    v = jax.random.normal(ks[2], (B, T, K, H))
+    probe = jax.random.normal(ks[3], (B, T, K, G, H))
+    return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * probe), argnums=(0, 1, 2))(q, k, v)
+
+
 @pytest.mark.parametrize("act", [jax.nn.silu, functools.partial(jax.nn.gelu, approximate=True)], ids=["silu", "gelu"])
 def test_gated_mlp_matches_autodiff(act):
     ks = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -64,17 +74,9 @@ def test_attention_matches_autodiff(softcap, window, block, monkeypatch):
     if block is not None:
         monkeypatch.setattr(fused, "CAUSAL_BLOCK", block)
         assert len(fused._blocks(T, T, True)) == -(-T // block)
-    ks = jax.random.split(jax.random.PRNGKey(1), 4)
-    q = 2 * jax.random.normal(ks[0], (B, T, K, G, H))
-    k = 2 * jax.random.normal(ks[1], (B, T, K, H))
-    v = jax.random.normal(ks[2], (B, T, K, H))
-    probe = jax.random.normal(ks[3], (B, T, K, G, H))
     mask = packed_mask(window)
-    ours = jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v, mask, H**-0.5, softcap, block is not None)
-                                                      * probe),
-                              argnums=(0, 1, 2))(q, k, v)
-    ref = jax.value_and_grad(lambda q, k, v: jnp.sum(plain_attention(q, k, v, mask, H**-0.5, softcap) * probe),
-                             argnums=(0, 1, 2))(q, k, v)
+    ours = attention_grads(lambda q, k, v: attention(q, k, v, mask, H**-0.5, softcap, block is not None), seed=1)
+    ref = attention_grads(lambda q, k, v: plain_attention(q, k, v, mask, H**-0.5, softcap), seed=1)
     assert abs(ours[0] - ref[0]) <= 1e-5 * abs(ref[0])
     for a, b in zip(ours[1], ref[1]):
         assert rel(a, b) <= 1e-5
@@ -91,23 +93,14 @@ def test_attention_lookback_matches_autodiff(softcap, window, lookback, block, m
     assert [(a, e) for a, e, _, _ in blocks] == [(a, min(T, a + block)) for a in range(0, T, block)]
     assert all(k0 == max(0, a - lookback + 1) and k1 == e for a, e, k0, k1 in blocks)
     assert any(k0 > 0 for _, _, k0, _ in blocks)  # keys really are skipped
-    ks = jax.random.split(jax.random.PRNGKey(4), 4)
-    q = 2 * jax.random.normal(ks[0], (B, T, K, G, H))
-    k = 2 * jax.random.normal(ks[1], (B, T, K, H))
-    v = jax.random.normal(ks[2], (B, T, K, H))
-    probe = jax.random.normal(ks[3], (B, T, K, G, H))
     mask = packed_mask(window)
-
-    def grads(fn):
-        return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * probe), argnums=(0, 1, 2))(q, k, v)
-
-    ours = grads(lambda q, k, v: attention(q, k, v, mask, H**-0.5, softcap, True, lookback))
-    ref = grads(lambda q, k, v: plain_attention(q, k, v, mask, H**-0.5, softcap))
+    ours = attention_grads(lambda q, k, v: attention(q, k, v, mask, H**-0.5, softcap, True, lookback), seed=4)
+    ref = attention_grads(lambda q, k, v: plain_attention(q, k, v, mask, H**-0.5, softcap), seed=4)
     assert abs(ours[0] - ref[0]) <= 1e-5 * abs(ref[0])
     for a, b in zip(ours[1], ref[1]):
         assert rel(a, b) <= 1e-5
     if window is None:  # a lookback shorter than the longest example drops keys it needs: the test can fail
-        short = grads(lambda q, k, v: attention(q, k, v, mask, H**-0.5, softcap, True, 12))
+        short = attention_grads(lambda q, k, v: attention(q, k, v, mask, H**-0.5, softcap, True, 12), seed=4)
         assert rel(short[1][0], ref[1][0]) > 1e-3
 
 
