@@ -356,7 +356,8 @@ class DecoderModel(nnx.Module):
         ropes = args.layer_ropes or (Rope(),) * args.num_layers
         freqs = {r: rope_frequencies(r, args.head_dim) for r in set(ropes)}
         inv_freq = jnp.stack([freqs[r] for r in ropes])  # [L, H/2]
-        windows = jnp.asarray(args.layer_windows or (0,) * args.num_layers, jnp.int32)  # [L]
+        layer_windows = args.layer_windows or (0,) * args.num_layers
+        windows = jnp.asarray(layer_windows, jnp.int32)  # [L]
 
         graphdef, stacked = nnx.split(self.layers)
 
@@ -368,7 +369,7 @@ class DecoderModel(nnx.Module):
             return jnp.cos(angles), jnp.sin(angles), mask[:, None, None, :, :]
 
         if cache is None:
-            lookbacks = layer_lookbacks(max_segment_len, args.layer_windows or (0,) * args.num_layers)
+            lookbacks = layer_lookbacks(max_segment_len, layer_windows)
 
             def body(h, xs, lookback):
                 layer_state, layer_inv_freq, window = xs
