@@ -174,22 +174,22 @@ def held_out(cfg: Config, tokenizer, limit: int = 0, fewshot: FewShot | None = N
 def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
     """Loss, perplexity and token accuracy over every trained token of the held-out set."""
     graphdef, params = nnx.split(loaded.model)
+    batches = eval_batches(cfg.data, loaded.tokenizer, local_batch=cfg.train.batch_size // jax.process_count(),
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           max_batches=cfg.train.eval_batches)
+    # No example is longer than the longest of these rows: attention skips keys further back.
+    longest = parallel.global_max(longest_segment([b["segment_ids"] for b in batches]))
 
-    def step(params, batch, longest):
+    @jax.jit
+    def step(params, batch):
         with parallel.activation_sharding(mesh):
             loss_sum, (n, correct) = loss_sums(graphdef, params, batch, cfg.train.loss_chunk, cfg.train.loss_whole_mib,
                                                longest)
             return loss_sum, n, correct
 
-    batches = eval_batches(cfg.data, loaded.tokenizer, local_batch=cfg.train.batch_size // jax.process_count(),
-                           process_index=jax.process_index(), process_count=jax.process_count(),
-                           max_batches=cfg.train.eval_batches)
-    # No example is longer than the longest of these rows: attention skips keys further back.
-    longest = parallel.global_max(max((longest_segment(b["segment_ids"]) for b in batches), default=0))
-    step = jax.jit(step, static_argnums=2)
     total = np.zeros(3)
     for batch in batches:
-        total += [float(x) for x in step(params, parallel.global_batch(batch, mesh), longest)]
+        total += [float(x) for x in step(params, parallel.global_batch(batch, mesh))]
     loss = total[0] / max(total[1], 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": total[2] / max(total[1], 1.0),
             "trained_tokens": int(total[1])}

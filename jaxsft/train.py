@@ -380,7 +380,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     # The longest example on any process: attention skips keys further back than that (the same
     # compiled step everywhere), and each batch is checked against it before its step.
     max_segment_len = parallel.global_max(data_iter.longest)
-    eval_segment_len = parallel.global_max(max(longest_segment(b["segment_ids"]) for b in eval_data)) if eval_data else 0
+    eval_segment_len = parallel.global_max(longest_segment([b["segment_ids"] for b in eval_data or []]))
     if start:
         check_same_model(ckpt, start, state["params"], cfg, run_dir)
     _prepare_run_dir(cfg, run_dir)

@@ -255,10 +255,15 @@ def stack_rows(rows: list[dict]) -> dict:
     return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in BATCH_KEYS}
 
 
-def longest_segment(segment_ids: np.ndarray) -> int:
-    """The most tokens any one example (non-zero segment id) holds in `[..., seq_len]` rows, or
-    `seq_len` where a row's segment is not one contiguous run (then nothing bounds how far back a
-    token attends). The model's attention skips keys further back than this (`max_segment_len`)."""
+def longest_segment(segment_ids: np.ndarray | list[np.ndarray]) -> int:
+    """The most tokens any one example (non-zero segment id) holds in `[..., seq_len]` rows (or a
+    list of such batches; none: 0), or `seq_len` where a row's segment is not one contiguous run
+    (then nothing bounds how far back a token attends). The model's attention skips keys further
+    back than this (`max_segment_len`)."""
+    if isinstance(segment_ids, list):
+        if not segment_ids:
+            return 0
+        segment_ids = np.concatenate([np.reshape(x, (-1, np.shape(x)[-1])) for x in segment_ids])
     s = np.asarray(segment_ids)
     s = s.reshape(-1, s.shape[-1])
     starts = np.ones(s.shape, bool)
