@@ -35,13 +35,14 @@ from flax import nnx
 
 from jaxsft import parallel
 from jaxsft.config import Config, EvalConfig
-from jaxsft.data.pack import longest_segment
+from jaxsft.data.pack import longest_segment, most_trained
 from jaxsft.data.pipeline import eval_batches
 from jaxsft.data.render import Renderer
 from jaxsft.data.sources import open_source
 from jaxsft.errors import ConfigError
 from jaxsft.generate import LoadedModel, is_run_source, load_model
 from jaxsft.fewshot import FewShot, answer_span, choose_shots, max_prompt_tokens
+from jaxsft.loss import row_trained_bound
 from jaxsft.monitor import info
 from jaxsft.train import loss_sums
 
@@ -179,12 +180,15 @@ def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
                            max_batches=cfg.train.eval_batches)
     # No example is longer than the longest of these rows: attention skips keys further back.
     longest = parallel.global_max(longest_segment([b["segment_ids"] for b in batches]))
+    # Nor holds a row more trained targets than the most of them: the loss reads only that many positions.
+    row_trained = row_trained_bound(parallel.global_max(most_trained([b["loss_mask"] for b in batches])),
+                                    batches[0]["loss_mask"].shape[-1] if batches else 0)
 
     @jax.jit
     def step(params, batch):
         with parallel.activation_sharding(mesh):
             loss_sum, (n, correct) = loss_sums(graphdef, params, batch, cfg.train.loss_chunk, cfg.train.loss_whole_mib,
-                                               longest)
+                                               longest, row_trained)
             return loss_sum, n, correct
 
     total = np.zeros(3)

@@ -6,7 +6,9 @@ caller divides once, after summing over micro-batches and devices. Large `[B, T,
 logits (a 128k vocabulary at long sequences) are never materialized whole: the head is applied to
 one chunk of positions at a time and recomputed in the backward pass. Small ones (up to
 `whole_bytes`, 64 MiB by default) are computed at once and kept for the backward pass, which is
-faster and costs little memory.
+faster and costs little memory. Where no row holds more than `row_trained` trained targets
+(about half the positions of prompt-and-answer data), the head and the cross entropy read only
+that many positions per row, gathered (`trained_rows`), not the whole row.
 """
 
 from __future__ import annotations
@@ -15,9 +17,29 @@ import jax
 import jax.numpy as jnp
 
 
+ROW_TRAINED_MULTIPLE = 64  # the gathered positions per row, rounded up: fewer distinct shapes to compile
+
+
+def row_trained_bound(most: int, seq_len: int) -> int:
+    """`row_trained` for rows of `seq_len` holding at most `most` trained targets each: `most`
+    rounded up to a multiple of 64, or 0 (read whole rows) where that is not fewer than `seq_len`."""
+    bound = -(-most // ROW_TRAINED_MULTIPLE) * ROW_TRAINED_MULTIPLE
+    return bound if 0 < bound < seq_len else 0
+
+
+def trained_rows(hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+                 row_trained: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each row's first `row_trained` trained positions, in order, then untrained ones to fill:
+    `hidden [B, row_trained, D]`, `targets` and `loss_mask [B, row_trained]`. Exact (every trained
+    target kept) when no row holds more than `row_trained` of them."""
+    idx = jnp.argsort((loss_mask == 0).astype(jnp.int32), axis=1, stable=True)[:, :row_trained]
+    return (jnp.take_along_axis(hidden, idx[..., None], axis=1), jnp.take_along_axis(targets, idx, axis=1),
+            jnp.take_along_axis(loss_mask, idx, axis=1))
+
+
 def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                       chunk: int = 256, softcap: float | None = None,
-                       whole_bytes: int = 64 * 2**20) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       chunk: int = 256, softcap: float | None = None, whole_bytes: int = 64 * 2**20,
+                       row_trained: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns `(loss_sum, trained_tokens, correct)` over the positions where `loss_mask` is 1.
 
     hidden: [B, T, D] final hidden states; head: [D, V]; targets, loss_mask: [B, T]. Logits of at
@@ -25,7 +47,11 @@ def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, l
     larger ones `chunk` positions at a time, recomputed in the backward pass. `chunk=0` computes
     them whole at any size (only for comparison: that memory grows with T x V). `softcap` (Gemma 2)
     maps the logits to `cap * tanh(logits / cap)` first, as the model's own head does.
+    `row_trained` (0: off): no row holds more trained targets than that, so only that many
+    positions per row are read (`trained_rows`).
     """
+    if 0 < row_trained < hidden.shape[1]:
+        hidden, targets, loss_mask = trained_rows(hidden, targets, loss_mask, row_trained)
     b, t, d = hidden.shape
 
     def one_chunk(h, tgt, m):

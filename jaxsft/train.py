@@ -30,11 +30,11 @@ from flax import nnx
 from jaxsft import flops, parallel
 from jaxsft.checkpoint import Checkpointer, Preemption, SavedArrays, abstract_like
 from jaxsft.config import Config, ModelConfig, OptimizerConfig, config_yaml, to_dict
-from jaxsft.data.pack import longest_segment
+from jaxsft.data.pack import longest_segment, most_trained
 from jaxsft.data.pipeline import check_shards, eval_batches, train_batches
 from jaxsft.data.render import load_tokenizer
 from jaxsft.errors import ConfigError, DataError, JaxsftError, ModelError, NonFiniteError
-from jaxsft.loss import cross_entropy_sums
+from jaxsft.loss import cross_entropy_sums, row_trained_bound
 from jaxsft.models import DTYPES, args_from_hf_config, from_pretrained, read_hf_config
 from jaxsft.monitor import MetricsLog, atomic_write_text, info, memory_estimate, summary_lines
 
@@ -75,16 +75,19 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict, loss_chunk: int = 256,
-              loss_whole_mib: int = 64, max_segment_len: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+              loss_whole_mib: int = 64, max_segment_len: int = 0,
+              row_trained: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch (see
     `jaxsft.loss.cross_entropy_sums` for the chunking). `max_segment_len`: no example in the batch
-    is longer (0: unknown), so attention skips keys further back (`jaxsft.data.pack.longest_segment`)."""
+    is longer (0: unknown), so attention skips keys further back (`jaxsft.data.pack.longest_segment`).
+    `row_trained`: no row holds more trained targets (0: unknown), so the head reads only that many
+    positions per row (`jaxsft.loss.row_trained_bound`)."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
                                  max_segment_len=max_segment_len)
     loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"],
                                               chunk=loss_chunk, softcap=model.logit_softcap,
-                                              whole_bytes=loss_whole_mib * 2**20)
+                                              whole_bytes=loss_whole_mib * 2**20, row_trained=row_trained)
     return loss_sum, (n, correct)
 
 
@@ -115,17 +118,19 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
 
 
 def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings, loss_chunk: int = 256,
-                    loss_whole_mib: int = 64, nonfinite: str = "stop", max_segment_len: int = 0):
+                    loss_whole_mib: int = 64, nonfinite: str = "stop", max_segment_len: int = 0,
+                    row_trained: int = 0):
     """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed.
 
     The loss is one sum over every trained token of the global batch (all micro-batches, all
     devices) divided once by their count, so the update does not depend on how the batch is split.
     `metrics["finite"]` says whether the loss and gradient norm were finite; with `nonfinite="skip"`
     a step where they are not leaves the parameters and optimizer state as they were.
-    `max_segment_len`: the longest example any batch holds (0: unknown; see `loss_sums`).
+    `max_segment_len`, `row_trained`: the longest example and the most trained targets of a row
+    that any batch holds (0: unknown; see `loss_sums`).
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk, loss_whole_mib, max_segment_len),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk, loss_whole_mib, max_segment_len,
+                                                        row_trained), has_aux=True)
 
     def step(state, batch):
         with parallel.activation_sharding(mesh):
@@ -190,11 +195,12 @@ def _updated(step: int, metrics: dict, nonfinite: str) -> bool:
 
 
 def make_eval_step(graphdef, mesh, params_shardings, loss_chunk: int = 256, loss_whole_mib: int = 64,
-                   max_segment_len: int = 0):
+                   max_segment_len: int = 0, row_trained: int = 0):
     """The jitted `(params, batch) -> (loss_sum, trained_tokens)`."""
     def step(params, batch):
         with parallel.activation_sharding(mesh):
-            loss_sum, (n, _) = loss_sums(graphdef, params, batch, loss_chunk, loss_whole_mib, max_segment_len)
+            loss_sum, (n, _) = loss_sums(graphdef, params, batch, loss_chunk, loss_whole_mib, max_segment_len,
+                                         row_trained)
             return loss_sum, n
     return jax.jit(step, in_shardings=(params_shardings, parallel.batch_sharding(mesh)))
 
@@ -381,6 +387,11 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     # compiled step everywhere), and each batch is checked against it before its step.
     max_segment_len = parallel.global_max(data_iter.longest)
     eval_segment_len = parallel.global_max(longest_segment([b["segment_ids"] for b in eval_data or []]))
+    # Likewise the most trained targets of a row: the loss reads only that many positions per row.
+    most = parallel.global_max(data_iter.most_trained)
+    row_trained = row_trained_bound(most, cfg.data.seq_len)
+    eval_row_trained = row_trained_bound(parallel.global_max(most_trained([b["loss_mask"] for b in eval_data or []])),
+                                         cfg.data.seq_len)
     if start:
         check_same_model(ckpt, start, state["params"], cfg, run_dir)
     _prepare_run_dir(cfg, run_dir)
@@ -408,13 +419,13 @@ def train(cfg: Config, devices: list | None = None) -> dict:
 
     step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings,
                               cfg.train.loss_chunk, cfg.train.loss_whole_mib, nonfinite=cfg.train.nonfinite,
-                              max_segment_len=max_segment_len)
+                              max_segment_len=max_segment_len, row_trained=row_trained)
     eval_fn = None
     if eval_data is not None:
         # Put on the devices once: the same held-out batches serve every evaluation.
         eval_data = [parallel.global_batch(b, mesh) for b in eval_data]
         eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], cfg.train.loss_chunk,
-                                 cfg.train.loss_whole_mib, eval_segment_len)
+                                 cfg.train.loss_whole_mib, eval_segment_len, eval_row_trained)
         if start == 0:
             log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data)})
 
@@ -431,6 +442,10 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                     raise DataError(f"step {step + 1}: a packed row holds an example of {longest} tokens, longer "
                                     f"than the longest ({max_segment_len}) that the prepared data reported; this "
                                     f"is a bug in jaxsft")
+                trained = most_trained(local["loss_mask"])
+                if trained > most:
+                    raise DataError(f"step {step + 1}: a packed row holds {trained} trained targets, more than the "
+                                    f"most ({most}) that the prepared data allows; this is a bug in jaxsft")
                 state, metrics = step_fn(state, parallel.global_batch(local, mesh))
                 steps_since += 1
                 done = step + 1

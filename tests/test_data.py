@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_tiny_model import IM_END, END_OF_TEXT, train_tokenizer  # noqa: E402
 
 from jaxsft.config import DataConfig  # noqa: E402
-from jaxsft.data.pack import (BATCH_KEYS, longest_segment, pack_list, packing_bound, packing_efficiency,  # noqa: E402
+from jaxsft.data.pack import (BATCH_KEYS, longest_segment, most_trained, pack_list, packing_bound, packing_efficiency,  # noqa: E402
                               plan_rows)
 from jaxsft.data.pipeline import batches, eval_batches, prepare_train, train_batches  # noqa: E402
 from jaxsft.data.render import EMPTY, KEPT, OVERLONG, TRUNCATED, Renderer, to_example  # noqa: E402
@@ -320,6 +320,21 @@ def test_train_batches_know_their_longest_example(chat_tok, prepared):
     assert it.longest == max(int(st.lengths().max()) for st in prepared.stores)
     seen = [longest_segment(b["segment_ids"]) for b in _take(it, 20)]
     assert max(seen) <= it.longest and max(seen) > 0.9 * it.longest
+
+
+def test_train_batches_bound_the_trained_targets_of_a_row(chat_tok, prepared):
+    """`most_trained` (how many positions per row the loss reads) is the largest trained share of
+    any prepared example times seq_len: no row holds more, and the demo's rows come close to it."""
+    store = prepared.stores[0]
+    ids, mask = store.ids_and_mask(3)
+    assert store.trained()[3] == mask[1:].sum() == store[3]["loss_mask"].sum()
+    it = train_batches(_cfg(), chat_tok, seed=0, global_batch=LOCAL_BATCH, shards=1, report=False)
+    share = max(float((st.trained() / st.lengths()).max()) for st in prepared.stores)
+    assert it.most_trained == int(share * SEQ_LEN) < SEQ_LEN
+    seen = [most_trained(b["loss_mask"]) for b in _take(it, 20)]
+    assert max(seen) <= it.most_trained and max(seen) > 0.8 * it.most_trained
+    assert most_trained(np.array([[0, 1, 1, 0], [1, 1, 1, 0]])) == 3
+    assert most_trained([np.zeros((2, 4)), np.ones((1, 4))]) == 4 and most_trained([]) == 0
 
 
 def test_train_dataset_deterministic(chat_tok, prepared):

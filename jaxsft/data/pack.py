@@ -255,6 +255,13 @@ def stack_rows(rows: list[dict]) -> dict:
     return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in BATCH_KEYS}
 
 
+def most_trained(loss_mask: np.ndarray | list[np.ndarray]) -> int:
+    """The most trained targets any one row of `[..., seq_len]` rows (or a list of such batches;
+    none: 0) holds. The loss reads only that many positions per row (`row_trained`)."""
+    rows = [np.reshape(x, (-1, np.shape(x)[-1])) for x in (loss_mask if isinstance(loss_mask, list) else [loss_mask])]
+    return max([int(np.count_nonzero(r, axis=1).max(initial=0)) for r in rows], default=0)
+
+
 def longest_segment(segment_ids: np.ndarray | list[np.ndarray]) -> int:
     """The most tokens any one example (non-zero segment id) holds in `[..., seq_len]` rows (or a
     list of such batches; none: 0), or `seq_len` where a row's segment is not one contiguous run

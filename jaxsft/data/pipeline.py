@@ -118,11 +118,15 @@ class ShardedBatches:
 
     An iterator of batch contract dicts `[global_batch / process_count, seq_len]`; `get_state` /
     `set_state` hold one Grain iterator state per shard, keyed by shard index. `longest` is the
-    most tokens of any example of those shards: no row it yields holds a longer one.
+    most tokens of any example of those shards: no row it yields holds a longer one. Nor does any
+    row hold more than `most_trained` trained targets (the largest trained share of any example,
+    times seq_len).
     """
 
-    def __init__(self, iterators: dict[int, Any], plan: list[tuple[int, int, int]], shards: int, longest: int = 0):
+    def __init__(self, iterators: dict[int, Any], plan: list[tuple[int, int, int]], shards: int, longest: int = 0,
+                 most_trained: int = 0):
         self.iterators, self.plan, self.shards, self.longest = iterators, plan, shards, longest
+        self.most_trained = most_trained
         # The shards whose first row is this process's: it writes their state into checkpoints.
         self.owned = [s for s, start, _ in plan if start == 0]
 
@@ -155,16 +159,20 @@ def train_batches(cfg: DataConfig, tokenizer, *, seed: int, global_batch: int, s
     check_shards(shards, global_batch, process_count)
     plan = row_plan(global_batch, shards, process_index, process_count)
     per_shard = global_batch // shards
-    iterators, longest = {}, 0
+    iterators, longest, most_trained = {}, 0, 0
     for s, _, _ in plan:
         prepared = prepare_train(cfg, tokenizer, seed=seed, process_index=s, process_count=shards)
-        longest = max([longest] + [int(store.lengths().max()) for store in prepared.stores])
+        for store in prepared.stores:
+            lengths = store.lengths()
+            longest = max(longest, int(lengths.max(initial=0)))
+            # A row's examples hold at most seq_len tokens, so at most this share of them is trained.
+            most_trained = max(most_trained, int((store.trained() * cfg.seq_len // np.maximum(lengths, 1)).max(initial=0)))
         if report:
             who = f" (shard {s} of {shards})" if shards > 1 else ""
             _report(prepared, cfg, f" (~{prepared.stats.rows / per_shard:,.0f} steps)", name="data" + who,
                     everywhere=process_count > 1)
         iterators[s] = iter(batches(prepared, cfg, seed=seed, local_batch=per_shard))
-    return ShardedBatches(iterators, plan, shards, longest)
+    return ShardedBatches(iterators, plan, shards, longest, min(most_trained, cfg.seq_len))
 
 
 def _report(prepared: Prepared, cfg: DataConfig, epoch: str = "", name: str = "data",

@@ -42,6 +42,11 @@ class ExampleStore:
         """Tokens (= targets) of each example."""
         return np.diff(self._offsets) - 1
 
+    def trained(self) -> np.ndarray:
+        """Trained targets of each example."""
+        done = np.concatenate([[0], np.cumsum(self._mask, dtype=np.int64)])
+        return done[self._offsets[1:]] - done[self._offsets[:-1] + 1]
+
     def where(self, index: int) -> str:
         """The record an example came from (`file:line` or `file row N`)."""
         return self._where[index]
