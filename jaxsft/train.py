@@ -174,6 +174,19 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardin
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
+def check_batch_bounds(step: int, local: dict, max_segment_len: int, most: int) -> None:
+    """Raises DataError (a bug in jaxsft) where the batch of `step` breaks a bound its compiled step
+    relies on: the longest example and the most trained targets of a row the prepared data reported."""
+    longest = longest_segment(local["segment_ids"])
+    if longest > max_segment_len:
+        raise DataError(f"step {step}: a packed row holds an example of {longest} tokens, longer than the longest "
+                        f"({max_segment_len}) that the prepared data reported; this is a bug in jaxsft")
+    trained = most_trained(local["loss_mask"])
+    if trained > most:
+        raise DataError(f"step {step}: a packed row holds {trained} trained targets, more than the most ({most}) "
+                        f"that the prepared data allows; this is a bug in jaxsft")
+
+
 @jax.jit
 def all_finite(tree: Any) -> jax.Array:
     """Whether every element of every array of `tree` is finite."""
@@ -437,15 +450,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
         with Preemption(ckpt) as preemption:
             for step in range(start, cfg.train.steps):
                 local = next(data_iter)
-                longest = longest_segment(local["segment_ids"])
-                if longest > max_segment_len:
-                    raise DataError(f"step {step + 1}: a packed row holds an example of {longest} tokens, longer "
-                                    f"than the longest ({max_segment_len}) that the prepared data reported; this "
-                                    f"is a bug in jaxsft")
-                trained = most_trained(local["loss_mask"])
-                if trained > most:
-                    raise DataError(f"step {step + 1}: a packed row holds {trained} trained targets, more than the "
-                                    f"most ({most}) that the prepared data allows; this is a bug in jaxsft")
+                check_batch_bounds(step + 1, local, max_segment_len, most)
                 state, metrics = step_fn(state, parallel.global_batch(local, mesh))
                 steps_since += 1
                 done = step + 1

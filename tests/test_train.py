@@ -7,8 +7,8 @@ import pytest
 
 from conftest import DEMO_EVAL, DEMO_TRAIN
 from jaxsft.config import load_config
-from jaxsft.errors import ConfigError
-from jaxsft.train import train
+from jaxsft.errors import ConfigError, DataError
+from jaxsft.train import check_batch_bounds, train
 
 
 def run(tmp_path, model_dir, name, devices, *overrides):
@@ -62,3 +62,16 @@ def test_eval_loss_logged_at_start_and_end(tmp_path, tiny_llama):
 def test_batch_not_divisible_by_data_parallel_size(tmp_path, tiny_llama):
     with pytest.raises(ConfigError, match="train.batch_size"):
         run(tmp_path, tiny_llama, "bad", jax.devices(), "mesh.data=8", "mesh.fsdp=1", "train.batch_size=4")
+
+
+def test_a_batch_beyond_the_compiled_bounds_stops_the_run():
+    """The step is compiled for the prepared data's longest example and most trained targets of a
+    row; a batch beyond either is refused before its step, naming the step."""
+    import numpy as np
+
+    batch = {"segment_ids": np.array([[1, 1, 1, 2, 0]]), "loss_mask": np.array([[0, 1, 1, 1, 0]])}
+    check_batch_bounds(1, batch, 3, 3)
+    with pytest.raises(DataError, match="step 7: a packed row holds an example of 3 tokens"):
+        check_batch_bounds(7, batch, 2, 3)
+    with pytest.raises(DataError, match="step 7: a packed row holds 3 trained targets"):
+        check_batch_bounds(7, batch, 3, 2)
