@@ -35,16 +35,14 @@ from flax import nnx
 
 from jaxsft import parallel
 from jaxsft.config import Config, EvalConfig
-from jaxsft.data.pack import longest_segment, most_trained
 from jaxsft.data.pipeline import eval_batches
 from jaxsft.data.render import Renderer
 from jaxsft.data.sources import open_source
 from jaxsft.errors import ConfigError
 from jaxsft.generate import LoadedModel, is_run_source, load_model
 from jaxsft.fewshot import FewShot, answer_span, choose_shots, max_prompt_tokens
-from jaxsft.loss import row_trained_bound
 from jaxsft.monitor import info
-from jaxsft.train import loss_sums
+from jaxsft.train import batch_bounds, loss_sums
 
 
 # --------------------------------------------------------------------------- metrics
@@ -178,11 +176,9 @@ def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
     batches = eval_batches(cfg.data, loaded.tokenizer, local_batch=cfg.train.batch_size // jax.process_count(),
                            process_index=jax.process_index(), process_count=jax.process_count(),
                            max_batches=cfg.train.eval_batches)
-    # No example is longer than the longest of these rows: attention skips keys further back.
-    longest = parallel.global_max(longest_segment([b["segment_ids"] for b in batches]))
-    # Nor holds a row more trained targets than the most of them: the loss reads only that many positions.
-    row_trained = row_trained_bound(parallel.global_max(most_trained([b["loss_mask"] for b in batches])),
-                                    batches[0]["loss_mask"].shape[-1] if batches else 0)
+    # Attention skips keys further back than the longest example of these rows, and the loss reads
+    # only as many positions per row as the most trained targets of one.
+    longest, row_trained = batch_bounds(batches)
 
     @jax.jit
     def step(params, batch):

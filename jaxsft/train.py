@@ -174,6 +174,14 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardin
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
+def batch_bounds(batches: list[dict]) -> tuple[int, int]:
+    """`(max_segment_len, row_trained)` for a step over these local batches (held-out rows), the
+    same on every process: their longest example and most trained targets of a row."""
+    longest = parallel.global_max(longest_segment([b["segment_ids"] for b in batches]))
+    most = parallel.global_max(most_trained([b["loss_mask"] for b in batches]))
+    return longest, row_trained_bound(most, batches[0]["loss_mask"].shape[-1] if batches else 0)
+
+
 def check_batch_bounds(step: int, local: dict, max_segment_len: int, most: int) -> None:
     """Raises DataError (a bug in jaxsft) where the batch of `step` breaks a bound its compiled step
     relies on: the longest example and the most trained targets of a row the prepared data reported."""
@@ -399,12 +407,10 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     # The longest example on any process: attention skips keys further back than that (the same
     # compiled step everywhere), and each batch is checked against it before its step.
     max_segment_len = parallel.global_max(data_iter.longest)
-    eval_segment_len = parallel.global_max(longest_segment([b["segment_ids"] for b in eval_data or []]))
     # Likewise the most trained targets of a row: the loss reads only that many positions per row.
     most = parallel.global_max(data_iter.most_trained)
     row_trained = row_trained_bound(most, cfg.data.seq_len)
-    eval_row_trained = row_trained_bound(parallel.global_max(most_trained([b["loss_mask"] for b in eval_data or []])),
-                                         cfg.data.seq_len)
+    eval_segment_len, eval_row_trained = batch_bounds(eval_data or [])
     if start:
         check_same_model(ckpt, start, state["params"], cfg, run_dir)
     _prepare_run_dir(cfg, run_dir)

@@ -255,11 +255,18 @@ def stack_rows(rows: list[dict]) -> dict:
     return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in BATCH_KEYS}
 
 
+def _as_rows(x: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """`[..., seq_len]` rows, or a list of such batches, as one `[rows, seq_len]` array (none: `[0, 0]`)."""
+    parts = x if isinstance(x, list) else [x]
+    if not parts:
+        return np.zeros((0, 0), np.int32)
+    return np.concatenate([np.reshape(p, (-1, np.shape(p)[-1])) for p in parts])
+
+
 def most_trained(loss_mask: np.ndarray | list[np.ndarray]) -> int:
     """The most trained targets any one row of `[..., seq_len]` rows (or a list of such batches;
     none: 0) holds. The loss reads only that many positions per row (`row_trained`)."""
-    rows = [np.reshape(x, (-1, np.shape(x)[-1])) for x in (loss_mask if isinstance(loss_mask, list) else [loss_mask])]
-    return max([int(np.count_nonzero(r, axis=1).max(initial=0)) for r in rows], default=0)
+    return int(np.count_nonzero(_as_rows(loss_mask), axis=1).max(initial=0))
 
 
 def longest_segment(segment_ids: np.ndarray | list[np.ndarray]) -> int:
@@ -267,12 +274,9 @@ def longest_segment(segment_ids: np.ndarray | list[np.ndarray]) -> int:
     list of such batches; none: 0), or `seq_len` where a row's segment is not one contiguous run
     (then nothing bounds how far back a token attends). The model's attention skips keys further
     back than this (`max_segment_len`)."""
-    if isinstance(segment_ids, list):
-        if not segment_ids:
-            return 0
-        segment_ids = np.concatenate([np.reshape(x, (-1, np.shape(x)[-1])) for x in segment_ids])
-    s = np.asarray(segment_ids)
-    s = s.reshape(-1, s.shape[-1])
+    s = _as_rows(segment_ids)
+    if not s.size:
+        return 0
     starts = np.ones(s.shape, bool)
     starts[:, 1:] = s[:, 1:] != s[:, :-1]  # where a run of one id begins
     runs = np.bincount(np.cumsum(starts) - 1)  # the length of every run, row after row
