@@ -79,7 +79,7 @@ def _decoder(graphdef: nnx.GraphDef, max_new: int, sampling: tuple, stop_ids: tu
         lengths = valid.sum(axis=1)
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
         cache = KVCache.empty(model.args, b, p + max_new)
-        hidden, cache = model.hidden_states(tokens, positions, valid, cache)  # prefill
+        hidden, cache = model.decode(tokens, positions, valid, cache)  # prefill
         last = p - 1 - jnp.argmax(valid[:, ::-1], axis=1)  # each row's last prompt slot (left or right padded)
         key, sub = jax.random.split(key)
         token = sample(model.logits(hidden[jnp.arange(b), last]), sub, *sampling)
@@ -92,7 +92,7 @@ def _decoder(graphdef: nnx.GraphDef, max_new: int, sampling: tuple, stop_ids: tu
             i, cache, token, done, out, key = state
             out = out.at[:, i].set(jnp.where(done, pad_id, token))
             done = done | jnp.isin(token, stops)
-            hidden, cache = model.hidden_states(token[:, None], (lengths + i)[:, None], jnp.ones((b, 1), jnp.int32),
+            hidden, cache = model.decode(token[:, None], (lengths + i)[:, None], jnp.ones((b, 1), jnp.int32),
                                                 cache)
             key, sub = jax.random.split(key)
             return i + 1, cache, sample(model.logits(hidden[:, 0]), sub, *sampling), done, out, key

@@ -163,6 +163,17 @@ def activation_sharding(mesh: Mesh):
         _ACTIVE_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the step being traced (inside `activation_sharding`), or None."""
+    return _ACTIVE_MESH.get()
+
+
+def mesh_axes(name: str, dim: int, mesh: Mesh) -> str | tuple[str, ...] | None:
+    """The mesh axes a dimension of logical axis `name` and size `dim` is split over (a
+    PartitionSpec entry), as `logical_to_spec` splits it."""
+    return logical_to_spec((name,), (dim,), mesh)[0]
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical axis names (model code calls this)."""
     mesh = _ACTIVE_MESH.get()

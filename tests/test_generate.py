@@ -72,7 +72,7 @@ def test_cached_logits_match_full_forward(family):
     @jax.jit
     def step(params, tokens, positions, valid, cache):
         m = nnx.merge(graphdef, params)
-        hidden, cache = m.hidden_states(tokens, positions, valid, cache)
+        hidden, cache = m.decode(tokens, positions, valid, cache)
         return m.logits(hidden), cache
 
     tokens = np.zeros((2, prefill), np.int32)

@@ -10,12 +10,15 @@ Dimension legend used in every einsum below:
 
 Parameters carry logical axis names (`axes=` metadata) and never mesh axis names; the layers are
 stored stacked (a leading `layers` axis) and applied with `jax.lax.scan`, so compile time does
-not grow with depth. What differs from one layer to the next (its attention window, its RoPE
-frequencies) is scanned along with the weights as per-layer arrays.
+not grow with depth. What differs from one layer to the next (its RoPE frequencies, and its kind
+of attention: an index into the model's distinct windows) is scanned along with the weights as
+per-layer arrays. Attention is described, not computed, here: an `AttentionSpec` (segment ids,
+positions, window, soft-cap, scale, lookback) goes to `jaxsft.models.attention`, whose backend
+(`reference`, CPU `blocked`, TPU `splash`, `gpu`) the caller chooses.
 
 Generation reuses the same layers with a `KVCache` (keys and values of every layer stacked
 `[L, B, S, K, H]`, carried through the layer scan and written in place): the same masks, windows,
-soft-caps and RoPE apply, with the cache slots as keys. Without a cache (training) nothing changes.
+soft-caps and RoPE apply, with the cache slots as keys (`CausalLM.decode`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsft.models import fused
+from jaxsft.models import attention, fused
+from jaxsft.models.attention import AttentionSpec
 from jaxsft.parallel import constrain
 
 
@@ -168,11 +172,6 @@ def rope_frequencies(rope: Rope, head_dim: int) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotary embedding in Hugging Face's half-split layout. x: [B,T,*,H]; cos, sin: [B,T,H]."""
-    return fused.rope(x.astype(jnp.float32), cos[:, :, None, :], sin[:, :, None, :]).astype(x.dtype)
-
-
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """`cap * tanh(x / cap)` (Gemma 2's soft-capping); identity when `cap` is None."""
     return x if cap is None else jnp.tanh(x / cap) * cap
@@ -180,7 +179,12 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 class Attention(nnx.Module):
     """Grouped-query attention over packed rows: a token sees earlier tokens of its own segment,
-    and only the last `window` of them (itself included) in a sliding-window layer."""
+    and only the last `window` of them (itself included) in a sliding-window layer.
+
+    Every family takes the same path: q/k/v projections with their biases and q/k norms and RoPE
+    in one block (`fused.qkv_rope`), then `attention.attend_layer`, which picks the platform's
+    kernel; with a KV cache the keys are the cache's slots.
+    """
 
     def __init__(self, args: ModelArgs, lead: tuple[int, ...], lead_axes: tuple[str, ...], *, rngs: nnx.Rngs):
         d, n, k, h, dt = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, args.param_dtype
@@ -196,45 +200,29 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(lead + (h,), lead_axes + ("norm",), args, rngs=rngs)
             self.k_norm = RMSNorm(lead + (h,), lead_axes + ("norm",), args, rngs=rngs)
         self.qk_norm = args.qk_norm
-        self.num_kv_heads = k
-        self.scale = args.attn_scale if args.attn_scale is not None else h**-0.5
-        self.softcap = args.attn_softcap
+        self.eps, self.norm_offset = args.rms_norm_eps, args.norm_offset
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, lookback: int = 0):
-        """Attention output `[B, T, D]`; with `cache=(k [B,S,K,H], v, index)` (generation) the keys
-        are the cache slots with this call's T tokens written at `index`, and the result is
-        `(output, (k_new, v_new))` with this call's keys and values `[B, T, K, H]`. `lookback`
-        (without a cache; 0: none): the mask hides every key that many or more tokens back, so the
-        attention skips them (see `fused.attention`)."""
-        b, t, _ = x.shape
-        n, h = self.q_proj.kernel.shape[-2:]
-        g = n // self.num_kv_heads
-        if cache is None and not self.qk_norm and self.q_proj.bias is None:
-            # The common training case: projections, RoPE and attention in attention_t's inner
-            # layout, with hand-written backward passes (see fused.py).
-            qt, kt, vt = fused.qkv_rope(x, *(p.kernel[...].astype(x.dtype) for p in (self.q_proj, self.k_proj,
-                                                                                    self.v_proj)), cos, sin)
-            out = fused.from_inner(fused.attention_t(qt, kt, vt, mask, self.scale, self.softcap, True, g, lookback), g)
-            return self.o_proj(out.reshape(b, t, n, h))
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, specs: tuple, kind: jax.Array | int = 0,
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`(output [B, T, D], (k, v))`: this call's keys and values `[B, T, K, H]` come back for a
+        KV cache. `specs`: one `AttentionSpec` per kind of layer (distinct windows), `kind` this
+        layer's. With `cache=(k [B,S,K,H], v, index)` the keys are the cache slots with this call's
+        T tokens written at `index`."""
+        dtype = x.dtype
+        extras = {}
+        if self.q_proj.bias is not None:
+            extras.update(bq=self.q_proj.bias[...], bk=self.k_proj.bias[...], bv=self.v_proj.bias[...])
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            extras.update(q_norm=self.q_norm.weight[...], k_norm=self.k_norm.weight[...])
+        q, k, v = fused.qkv_rope(x, *(p.kernel[...].astype(dtype) for p in (self.q_proj, self.k_proj, self.v_proj)),
+                                 cos, sin, extras, self.eps, self.norm_offset)
+        new = (k, v)
         if cache is not None:
             k_cache, v_cache, index = cache
-            new = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, new[0], index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, new[1], index, axis=1)
-        q = q.reshape(b, t, self.num_kv_heads, g, h)
-        # softmax(where(mask, cap(q k^T * scale))) v, with a backward pass that recomputes the
-        # probabilities instead of keeping [B, K, G, T, S] of them per layer (see fused.py).
-        # Without a cache the keys are this call's tokens and the mask is causal: blocks of queries
-        # skip the keys after them.
-        out = fused.attention(q, k, v, mask, self.scale, self.softcap, causal=cache is None,
-                              lookback=lookback if cache is None else 0)
-        out = self.o_proj(out.reshape(b, t, n, h))
-        return out if cache is None else (out, new)
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        return self.o_proj(attention.attend_layer(q, k, v, specs, kind)), new
 
 
 class MLP(nnx.Module):
@@ -274,28 +262,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(args, lead, lead_axes, rngs=rngs)
         self.sandwich = args.sandwich_norms
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache=None,
-                 lookback: int = 0):
-        """The block's output `[B, T, D]`; with a layer `cache` (see `Attention`), `(output, (k_new, v_new))`."""
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, lookback)
-        if cache is not None:
-            attn, new_kv = attn
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, specs: tuple, kind: jax.Array | int = 0,
+                 cache=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`(output [B, T, D], (k, v))` with this call's keys and values (see `Attention`)."""
+        attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, specs, kind, cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         else:
             x = x + attn
             x = x + self.mlp(self.post_attention_layernorm(x))
-        x = constrain(x, ("batch", "length", "act_embed"))
-        return x if cache is None else (x, new_kv)
-
-
-def layer_lookbacks(max_segment_len: int, windows: tuple[int, ...]) -> tuple[int, ...]:
-    """Per layer, how far back a token can see keys in packed rows whose segments hold at most
-    `max_segment_len` tokens (0: unknown): the shorter of that and the layer's window; 0 = all."""
-    if not max_segment_len:
-        return (0,) * len(windows)
-    return tuple(min(max_segment_len, w) if w else max_segment_len for w in windows)
+        return constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
 _REMAT_POLICIES = {
@@ -325,82 +302,94 @@ class DecoderModel(nnx.Module):
         self.layers = DecoderLayer(args, (args.num_layers,), ("layers",), rngs=rngs)
         self.norm = RMSNorm((args.hidden_size,), ("norm",), args, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache: KVCache | None = None, max_segment_len: int = 0):
-        """Final-norm hidden states `[B, T, D]`; with a `cache` (generation), `(hidden, new_cache)`.
-
-        Without a cache a token sees the earlier tokens of its segment (training, packed rows).
-        With one it sees the cache's filled slots at positions up to its own, this call's tokens
-        included; tokens with `segment_ids == 0` are padding, written as empty slots.
-
-        `max_segment_len` (without a cache; 0: unknown) is the caller's promise that each segment
-        is one run of at most that many tokens whose positions count up by one (packed rows):
-        then no token sees a key that many tokens back (nor, in a sliding-window layer, one a
-        window back), and attention skips those keys (the padding rows' outputs, trained on by
-        nothing, may differ).
-        """
+    def _layer_plan(self, base: AttentionSpec):
+        """`(specs, kinds, inv_freq)`: one attention spec per distinct window of the model, each
+        layer's index into them (`[L]`), and each layer's RoPE inverse frequencies `[L, H/2]`."""
         args = self.args
-        x = self.embed_tokens(tokens).astype(args.compute_dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
-        # What all layers share is computed once, outside the scan: query-key distances and the
-        # causal mask. Within a segment (or a cached row) positions count up, so they give the distance.
-        if cache is None:
-            dist = positions[:, :, None] - positions[:, None, :]  # [B,T,S]
-            visible = (dist >= 0) & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        else:
-            key_positions = jax.lax.dynamic_update_slice_in_dim(
-                cache.positions, jnp.where(segment_ids > 0, positions, -1).astype(jnp.int32), cache.index, axis=1)
-            dist = positions[:, :, None] - key_positions[:, None, :]  # [B,T,S]
-            visible = (dist >= 0) & (key_positions[:, None, :] >= 0)
-        # What differs per layer is scanned with its weights: RoPE frequencies and window size.
+        windows = args.layer_windows or (0,) * args.num_layers
+        distinct = sorted(set(windows))
+        specs = tuple(base.replace(window=w) for w in distinct)
         ropes = args.layer_ropes or (Rope(),) * args.num_layers
         freqs = {r: rope_frequencies(r, args.head_dim) for r in set(ropes)}
-        inv_freq = jnp.stack([freqs[r] for r in ropes])  # [L, H/2]
-        layer_windows = args.layer_windows or (0,) * args.num_layers
-        windows = jnp.asarray(layer_windows, jnp.int32)  # [L]
+        return specs, tuple(distinct.index(w) for w in windows), jnp.stack([freqs[r] for r in ropes])
 
+    def _static(self, backend: str) -> dict:
+        args = self.args
+        scale = args.attn_scale if args.attn_scale is not None else args.head_dim**-0.5
+        return {"softcap": args.attn_softcap, "scale": scale, "backend": backend}
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = self.embed_tokens(tokens).astype(self.args.compute_dtype)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, max_segment_len: int = 0,
+                 attention_backend: str = "reference") -> jax.Array:
+        """Final-norm hidden states `[B, T, D]` of packed rows: a token sees the earlier tokens of its
+        segment (training, eval, scoring).
+
+        `max_segment_len` (0: unknown) is the caller's promise that each segment is one run of at
+        most that many tokens whose positions count up by one (packed rows): then no token sees a
+        key that many tokens back, and attention may skip those keys (the padding rows' outputs,
+        trained on by nothing, may differ). `attention_backend`: see `jaxsft.models.attention`.
+        """
+        args = self.args
+        x = self._embed(tokens)
+        base = AttentionSpec.packed(segment_ids, positions, lookback=max_segment_len, **self._static(attention_backend))
+        specs, kinds, inv_freq = self._layer_plan(base)
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer_inputs(layer_inv_freq, window):
-            """One layer's RoPE cos/sin `[B,T,H]` and attention mask `[B,1,1,T,S]`."""
-            angles = positions[..., None].astype(jnp.float32) * layer_inv_freq  # [B,T,H/2]
-            angles = jnp.concatenate([angles, angles], axis=-1)
-            mask = visible & ((window == 0) | (dist < window))  # window w: the token and w-1 before it
-            return jnp.cos(angles), jnp.sin(angles), mask[:, None, None, :, :]
+        def body(h, layer_state, layer_inv_freq, kind):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(h, *_rope_cos_sin(positions, layer_inv_freq), specs, kind)[0]
 
-        if cache is None:
-            lookbacks = layer_lookbacks(max_segment_len, layer_windows)
-
-            def body(h, xs, lookback):
-                layer_state, layer_inv_freq, window = xs
-                layer = nnx.merge(graphdef, layer_state)
-                return layer(h, *layer_inputs(layer_inv_freq, window), lookback=lookback), None
-
+        if args.scan_layers:  # each layer's kind is scanned with its weights; attend_layer switches on it
+            step = lambda h, xs: (body(h, *xs), None)  # noqa: E731
+            if args.remat != "none":
+                step = jax.checkpoint(step, policy=_REMAT_POLICIES[args.remat], prevent_cse=False)
+            x, _ = jax.lax.scan(step, x, (stacked, inv_freq, jnp.asarray(kinds, jnp.int32)))
+        else:  # the same stacked weights, layer i sliced out: checkpoints and shardings do not change
             if args.remat != "none":
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[args.remat], prevent_cse=False,
-                                      static_argnums=(2,))
-            if args.scan_layers:  # one lookback for all layers: the largest
-                x, _ = jax.lax.scan(lambda h, xs: body(h, xs, 0 if 0 in lookbacks else max(lookbacks)), x,
-                                    (stacked, inv_freq, windows))
-            else:  # the same stacked weights, layer i sliced out: checkpoints and shardings do not change
-                for i in range(args.num_layers):
-                    x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], (stacked, inv_freq, windows)), lookbacks[i])
-            return self.norm(x)
+                                      static_argnums=(3,))
+            for i in range(args.num_layers):
+                x = body(x, jax.tree.map(lambda a, i=i: a[i], stacked), inv_freq[i], kinds[i])
+        return self.norm(x)
 
-        def cached_body(carry, xs):
+    def decode(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """`(hidden [B, T, D], cache)` for generation: a token sees the cache's filled slots at
+        positions up to its own, this call's tokens included; tokens with `valid == 0` are padding,
+        written as empty slots. The same layers and the same attention entry point as training."""
+        x = self._embed(tokens)
+        key_positions = jax.lax.dynamic_update_slice_in_dim(
+            cache.positions, jnp.where(valid > 0, positions, -1).astype(jnp.int32), cache.index, axis=1)
+        specs, kinds, inv_freq = self._layer_plan(AttentionSpec.cached(positions, key_positions,
+                                                                       **self._static("reference")))
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, xs):
             # The whole cache is carried (not scanned): each layer writes only its T new slots, in place.
             h, k_all, v_all = carry
-            layer_state, layer_inv_freq, window, i = xs
+            layer_state, layer_inv_freq, kind, i = xs
             layer = nnx.merge(graphdef, layer_state)
-            h, (k, v) = layer(h, *layer_inputs(layer_inv_freq, window), cache=(k_all[i], v_all[i], cache.index))
+            h, (k, v) = layer(h, *_rope_cos_sin(positions, layer_inv_freq), specs, kind,
+                              cache=(k_all[i], v_all[i], cache.index))
             at = (i, 0, cache.index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None], at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None], at)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
             return (h, k_all, v_all), None
 
-        layer_ids = jnp.arange(args.num_layers, dtype=jnp.int32)
-        (x, k_all, v_all), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (stacked, inv_freq, windows, layer_ids))
+        layer_ids = jnp.arange(self.args.num_layers, dtype=jnp.int32)
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v),
+                                            (stacked, inv_freq, jnp.asarray(kinds, jnp.int32), layer_ids))
         return self.norm(x), KVCache(k_all, v_all, key_positions, cache.index + tokens.shape[1])
+
+
+def _rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One layer's RoPE cos and sin `[B, T, H]` (Hugging Face's half-split layout)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 class CausalLM(nnx.Module):
@@ -414,16 +403,23 @@ class CausalLM(nnx.Module):
                                   dtype=args.param_dtype, rngs=rngs)
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                      max_segment_len: int = 0):
-        """Final-norm hidden states `[B, T, D]` (the loss applies the head itself, in chunks);
-        with a `cache`, `(hidden, new_cache)` (see `DecoderModel`, also for `max_segment_len`)."""
+                      segment_ids: jax.Array | None = None, max_segment_len: int = 0,
+                      attention_backend: str | None = None) -> jax.Array:
+        """Final-norm hidden states `[B, T, D]` (the loss applies the head itself, in chunks); see
+        `DecoderModel` for `max_segment_len`. `attention_backend` (None: `auto` for the default
+        device's platform): see `jaxsft.models.attention`."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        return self.model(tokens, positions, segment_ids, cache, max_segment_len)
+        backend = attention_backend or attention.resolve("auto", jax.default_backend())
+        return self.model(tokens, positions, segment_ids, max_segment_len, backend)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """`(hidden [B, T, D], new_cache)`: one prefill or decoding step against `cache` (see `DecoderModel.decode`)."""
+        return self.model.decode(tokens, positions, valid, cache)
 
     def head_kernel(self) -> jax.Array:
         """The `[D, V]` output projection (the embedding, transposed, when tied)."""

@@ -1,4 +1,4 @@
-"""The decoder's two hot blocks with hand-written backward passes: gated MLP and attention.
+"""The decoder's hot blocks with hand-written backward passes: gated MLP, q/k/v + RoPE, CPU attention.
 
 Plain autodiff of these blocks is correct but slow and memory-hungry under XLA: it keeps the
 `[B, K, G, T, S]` attention probabilities (and the masked scores) of every layer for the backward
@@ -8,7 +8,7 @@ backward pass needs (for attention: q, k, v, the output and the row log-sum-exp,
 FlashAttention does) and recompute the rest, so memory is linear in T per layer and every
 backward matmul reads operands in the layout they were produced in.
 
-Both functions take and return plain arrays (the module code casts parameters to the compute
+They take and return plain arrays (the module code casts parameters to the compute
 dtype first), and are checked against autodiff of the straightforward code in tests/test_fused.py.
 
 Dimension legend: B batch, T query length, S key length, D model width, F mlp width,
@@ -93,31 +93,20 @@ def _blocks(t: int, s: int, causal: bool, lookback: int = 0) -> list[tuple[int, 
             for a in range(0, t, size)]
 
 
-def _block_scores(qt, kt, mask, a, e, k0, k1, g, scale, softcap):
-    """Block scores `[B, K, e-a, G, k1-k0]` (float32, capped) and the block's mask, broadcastable to them."""
+def _block_scores(qt, kt, structure, a, e, k0, k1, g, scale, softcap, window):
+    """Block scores `[B, K, e-a, G, k1-k0]` (float32, capped) and the block's mask, broadcastable to
+    them, from the segment ids and positions (`structure`) of the block's queries and keys."""
     b, kh = qt.shape[:2]
     s = jnp.einsum("BKMH,BKSH->BKMS", qt[:, :, a * g:e * g], kt[:, :, k0:k1],
                    preferred_element_type=jnp.float32).reshape(b, kh, e - a, g, k1 - k0) * scale
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
-    return s, mask[:, :, :, a:e, k0:k1].reshape(mask.shape[0], 1, e - a, 1, k1 - k0)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-              softcap: float | None = None, causal: bool = False, lookback: int = 0) -> jax.Array:
-    """Grouped-query softmax attention: `softmax(where(mask, cap(q k^T * scale)), -inf) v`.
-
-    q: [B, T, K, G, H]; k, v: [B, S, K, H]; mask: bool [B or 1, 1, 1, T, S] (every query row must
-    see at least one key, as causal masks do). `causal`: the mask hides every key after the
-    query's own index (S == T: training, not decoding with a cache), which lets blocks of queries
-    skip those keys. `lookback` (with `causal`; 0: none): the mask also hides every key `lookback`
-    or more positions before the query (packed examples of at most that many tokens, or a sliding
-    window), so blocks skip those keys too. Returns [B, T, K, G, H]. (`attention_t` is the same on
-    the inner layout.)
-    """
-    g = q.shape[3]
-    return from_inner(attention_t(to_inner(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale,
-                                  softcap, causal, g, lookback), g)
+    seg_q, pos_q, seg_k, pos_k = structure
+    dist = pos_q[:, a:e, None] - pos_k[:, None, k0:k1]
+    m = (seg_q[:, a:e, None] == seg_k[:, None, k0:k1]) & (dist >= 0)
+    if window:
+        m &= dist < window
+    return s, m.reshape(m.shape[0], 1, e - a, 1, k1 - k0)
 
 
 def to_inner(q: jax.Array) -> jax.Array:
@@ -132,21 +121,28 @@ def from_inner(ot: jax.Array, groups: int) -> jax.Array:
     return ot.reshape(b, kh, tg // groups, groups, h).transpose(0, 2, 1, 3, 4)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def attention_t(qt: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array, scale: float,
-                softcap: float | None, causal: bool, groups: int, lookback: int) -> jax.Array:
-    """`attention` on the inner layout: qt [B, K, T*G, H] (row t*G + g), kt, vt [B, K, S, H];
-    returns [B, K, T*G, H]. `groups` is G, the query heads per key/value head."""
-    return _attention_fwd(qt, kt, vt, mask, scale, softcap, causal, groups, lookback)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def attention_t(qt: jax.Array, kt: jax.Array, vt: jax.Array, structure: tuple, scale: float,
+                softcap: float | None, causal: bool, groups: int, lookback: int, window: int = 0) -> jax.Array:
+    """Grouped-query softmax attention `softmax(where(mask, cap(q k^T * scale)), -inf) v` on the
+    inner layout: qt [B, K, T*G, H] (row t*G + g), kt, vt [B, K, S, H]; returns [B, K, T*G, H].
+
+    `structure` is `(q_segment_ids [B, T], q_positions, kv_segment_ids [B, S], kv_positions)`: a
+    query sees a key of its own segment at a position not after its own (and, with a `window`,
+    fewer than `window` positions back); every query must see at least one key. `causal` (S == T,
+    packed rows): no key after the query's index is visible, so blocks of queries skip them;
+    `lookback` (with `causal`; 0: none): nor any key `lookback` or more positions back, so the
+    blocks skip those too. `groups` is G, the query heads per key/value head.
+    """
+    return _attention_fwd(qt, kt, vt, structure, scale, softcap, causal, groups, lookback, window)[0]
 
 
-def _attention_fwd(qt, kt, vt, mask, scale, softcap, causal, g, lookback):
+def _attention_fwd(qt, kt, vt, structure, scale, softcap, causal, g, lookback, window=0):
     b, kh, tg, h = qt.shape
     t = tg // g
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, 1, t, kt.shape[2]))
     outs, lses = [], []
     for a, e, k0, k1 in _blocks(t, kt.shape[2], causal, lookback):
-        s, m = _block_scores(qt, kt, mask, a, e, k0, k1, g, scale, softcap)
+        s, m = _block_scores(qt, kt, structure, a, e, k0, k1, g, scale, softcap, window)
         s = jnp.where(m, s, _NEG)
         top = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - top)
@@ -156,11 +152,11 @@ def _attention_fwd(qt, kt, vt, mask, scale, softcap, causal, g, lookback):
         outs.append((o / total.reshape(b, kh, (e - a) * g, 1)).astype(vt.dtype))
         lses.append(top + jnp.log(total))
     ot = jnp.concatenate(outs, axis=2)  # [B, K, T*G, H]
-    return ot, (qt, kt, vt, mask, ot, jnp.concatenate(lses, axis=2))
+    return ot, (qt, kt, vt, structure, ot, jnp.concatenate(lses, axis=2))
 
 
-def _attention_bwd(scale, softcap, causal, g, lookback, residuals, dot):
-    qt, kt, vt, mask, ot, lse = residuals  # lse: [B, K, T, G, 1]
+def _attention_bwd(scale, softcap, causal, g, lookback, window, residuals, dot):
+    qt, kt, vt, structure, ot, lse = residuals  # lse: [B, K, T, G, 1]
     b, kh, tg, h = dot.shape
     t = tg // g
     # d softmax: p * (dp - sum_s p dp), and sum_s p dp = sum_h out * d_out.
@@ -169,7 +165,7 @@ def _attention_bwd(scale, softcap, causal, g, lookback, residuals, dot):
     dv = jnp.zeros(vt.shape, jnp.float32)
     dqs = []
     for a, e, k0, k1 in _blocks(t, kt.shape[2], causal, lookback):
-        capped, m = _block_scores(qt, kt, mask, a, e, k0, k1, g, scale, softcap)
+        capped, m = _block_scores(qt, kt, structure, a, e, k0, k1, g, scale, softcap, window)
         p = jnp.where(m, jnp.exp(capped - lse[:, :, a:e]), 0.0)  # float32 probabilities, recomputed
         do = dot[:, :, a * g:e * g]
         dv = dv.at[:, :, k0:k1].add(jnp.einsum("BKMS,BKMH->BKSH", p.reshape(b, kh, (e - a) * g, k1 - k0).astype(
@@ -190,12 +186,13 @@ attention_t.defvjp(_attention_fwd, _attention_bwd)
 
 # --------------------------------------------------------------------------- q/k/v projections and RoPE
 #
-# Autodiff of `rope(x @ wq)` followed by the move to the attention's inner layout computes the
-# weight gradient as `dq^T x`, and XLA's CPU backend fuses the RoPE backward and both layout
-# changes into one copy of dq into `[N*H, B*T]` that runs several times slower than a plain
-# transpose. Here the backward undoes RoPE in the inner layout, moves dq, dk, dv back to rows of
-# tokens once, side by side (`[B*T, (N+2K)*H]`), and computes the input gradient and all three
-# weight gradients as one matmul each, with x as the first operand of the weight product.
+# Autodiff of `rope(x @ wq)` computes the weight gradient as `dq^T x`, and XLA's CPU backend fuses
+# the RoPE backward and the attention's layout changes into one copy of dq into `[N*H, B*T]` that
+# runs several times slower than a plain transpose. Here the backward undoes RoPE (and the q/k
+# norms, where the family has them), puts dq, dk, dv side by side as rows of tokens
+# (`[B*T, (N+2K)*H]`), and computes the input gradient and all three weight gradients as one
+# matmul each, with x as the first operand of the weight product. Biases and q/k norms (Qwen2,
+# Qwen3, Gemma 3) go through the same block, so every family takes this one path.
 
 
 def rope(x, cos, sin):
@@ -210,45 +207,76 @@ def _rope_transposed(dy, cos, sin):
     return dy * cos + jnp.concatenate([z2, -z1], axis=-1)
 
 
-@jax.custom_vjp
-def qkv_rope(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, cos: jax.Array,
-             sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries, keys and values of x, RoPE applied to q and k (in float32), in `attention_t`'s layout.
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float) -> jax.Array:
+    """`x / rms(x) * (offset + weight)` over the last axis, in float32 (Hugging Face's RMSNorm)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * (offset + weight.astype(jnp.float32))
 
-    x: [B, T, D]; wq: [D, N, H]; wk, wv: [D, K, H]; cos, sin: [B, T, H] (float32).
-    Returns qt [B, K, T*G, H] (G = N / K), kt, vt [B, K, T, H], in x's dtype.
+
+def _pre_rope(raw, bias, norm, eps, offset):
+    """A projection's output before RoPE, in float32: plus its bias, then its RMSNorm (each optional)."""
+    y = raw.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(raw.dtype).astype(jnp.float32)
+    return rms_norm(y, norm, eps, offset) if norm is not None else y
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def qkv_rope(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, cos: jax.Array, sin: jax.Array,
+             extras: dict, eps: float = 1e-6, offset: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys and values of x, with RoPE applied to q and k in float32.
+
+    x: [B, T, D]; wq: [D, N, H]; wk, wv: [D, K, H]; cos, sin: [B, T, H] (float32). `extras` holds
+    what a family adds (each optional): biases `bq` [N, H], `bk`, `bv` [K, H], and the RMSNorm
+    weights `q_norm`, `k_norm` [H] applied over H before RoPE (with `eps` and `offset`, 1 for
+    Gemma's `1 + weight`). Returns q [B, T, N, H], k, v [B, T, K, H] in x's dtype.
     """
-    return _qkv_rope_fwd(x, wq, wk, wv, cos, sin)[0]
+    return _qkv_rope_fwd(x, wq, wk, wv, cos, sin, extras, eps, offset)[0]
 
 
-def _qkv_rope_fwd(x, wq, wk, wv, cos, sin):
-    b, t, _ = x.shape
-    kh, h = wk.shape[1:]
-    g = wq.shape[1] // kh
+def _qkv_rope_fwd(x, wq, wk, wv, cos, sin, extras, eps, offset):
     c, s = cos[:, :, None, :], sin[:, :, None, :]
-    q = rope(jnp.einsum("BTD,DNH->BTNH", x, wq).astype(jnp.float32), c, s).astype(x.dtype)
-    k = rope(jnp.einsum("BTD,DKH->BTKH", x, wk).astype(jnp.float32), c, s).astype(x.dtype)
+    raw_q = jnp.einsum("BTD,DNH->BTNH", x, wq)
+    raw_k = jnp.einsum("BTD,DKH->BTKH", x, wk)
+    q = rope(_pre_rope(raw_q, extras.get("bq"), extras.get("q_norm"), eps, offset), c, s).astype(x.dtype)
+    k = rope(_pre_rope(raw_k, extras.get("bk"), extras.get("k_norm"), eps, offset), c, s).astype(x.dtype)
     v = jnp.einsum("BTD,DKH->BTKH", x, wv)
-    return (to_inner(q.reshape(b, t, kh, g, h)), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), (x, wq, wk, wv, cos, sin)
+    if "bv" in extras:
+        v = v + extras["bv"].astype(x.dtype)
+    # The raw projections are kept only where a norm's backward needs them (RoPE and biases are affine).
+    raws = (raw_q if "q_norm" in extras else None, raw_k if "k_norm" in extras else None)
+    return (q, k, v), (x, wq, wk, wv, cos, sin, extras, raws)
 
 
-def _qkv_rope_bwd(residuals, cts):
-    x, wq, wk, wv, cos, sin = residuals
-    dqt, dkt, dvt = cts
+def _pre_rope_bwd(d, raw, bias, norm, eps, offset):
+    """`(d raw, d bias, d norm)` of `_pre_rope` for the float32 cotangent `d` of its output."""
+    if norm is None:
+        return d, (None if bias is None else d.sum(axis=(0, 1)).astype(bias.dtype)), None
+    _, vjp = jax.vjp(lambda r, b, w: _pre_rope(r, b, w, eps, offset), raw, bias, norm)
+    d_raw, d_bias, d_norm = vjp(d)
+    return d_raw, d_bias, d_norm
+
+
+def _qkv_rope_bwd(eps, offset, residuals, cts):
+    x, wq, wk, wv, cos, sin, extras, (raw_q, raw_k) = residuals
+    dq, dk, dv = cts
     b, t, d = x.shape
-    kh, h = wk.shape[1:]
-    g = wq.shape[1] // kh
-    c, s = cos[:, None, :, None, :], sin[:, None, :, None, :]  # [B, 1, T, 1, H]
-    dq = _rope_transposed(dqt.reshape(b, kh, t, g, h).astype(jnp.float32), c, s).astype(x.dtype)
-    dk = _rope_transposed(dkt.astype(jnp.float32), c[:, :, :, 0], s[:, :, :, 0]).astype(x.dtype)
-    rows = jnp.concatenate([dq.transpose(0, 2, 1, 3, 4).reshape(b * t, -1), dk.transpose(0, 2, 1, 3).reshape(b * t, -1),
-                            dvt.astype(x.dtype).transpose(0, 2, 1, 3).reshape(b * t, -1)], axis=1)  # [B*T, (N+2K)*H]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    dq, d_bq, d_qn = _pre_rope_bwd(_rope_transposed(dq.astype(jnp.float32), c, s), raw_q, extras.get("bq"),
+                                   extras.get("q_norm"), eps, offset)
+    dk, d_bk, d_kn = _pre_rope_bwd(_rope_transposed(dk.astype(jnp.float32), c, s), raw_k, extras.get("bk"),
+                                   extras.get("k_norm"), eps, offset)
+    rows = jnp.concatenate([dq.astype(x.dtype).reshape(b * t, -1), dk.astype(x.dtype).reshape(b * t, -1),
+                            dv.astype(x.dtype).reshape(b * t, -1)], axis=1)  # [B*T, (N+2K)*H]
     w = jnp.concatenate([wq.reshape(d, -1), wk.reshape(d, -1), wv.reshape(d, -1)], axis=1)  # [D, (N+2K)*H]
     dx = jnp.einsum("MC,DC->MD", rows, w).reshape(b, t, d)
     dw = jnp.einsum("MD,MC->DC", x.reshape(b * t, d), rows)
-    nq, nk = wq.shape[1] * h, kh * h
+    nq, nk = wq.size // d, wk.size // d
+    found = {"bq": d_bq, "bk": d_bk, "q_norm": d_qn, "k_norm": d_kn,
+             "bv": dv.astype(jnp.float32).sum(axis=(0, 1)) if "bv" in extras else None}
+    d_extras = {key: found[key].astype(value.dtype) for key, value in extras.items()}
     return (dx, dw[:, :nq].reshape(wq.shape), dw[:, nq:nq + nk].reshape(wk.shape), dw[:, nq + nk:].reshape(wv.shape),
-            None, None)
+            None, None, d_extras)
 
 
 qkv_rope.defvjp(_qkv_rope_fwd, _qkv_rope_bwd)
