@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxsft import parallel
 from jaxsft.config import Config
 from jaxsft.models import abstract_model
+from jaxsft.stepspec import StepSpec, data_bounds, step_line
 from jaxsft.train import make_optimizer, make_train_step, model_args, opt_state_shardings
 
 
@@ -32,6 +33,7 @@ class CompiledStep:
     args: Any  # ModelArgs
     params: Any  # abstract parameter tree (ShapeDtypeStructs)
     compile_s: float
+    line: str = ""  # `jaxsft.stepspec.step_line`: spec, program fingerprint, memory
 
     def memory(self) -> dict[str, int]:
         """Per-device bytes of the compiled step: arguments, outputs, temporaries, generated code."""
@@ -56,26 +58,22 @@ def abstract_state(args, cfg: Config, mesh: Mesh) -> tuple:
     return args, graphdef, {"params": params, "opt_state": opt_state, "step": step}, tx, schedule
 
 
-def abstract_batch(global_batch: int, seq_len: int, mesh: Mesh) -> dict:
-    """The batch contract as sharded ShapeDtypeStructs."""
-    sharding = parallel.batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=sharding)
-            for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-
-
-def compile_train_step(model: dict | Any, cfg: Config, mesh: Mesh) -> CompiledStep:
-    """Lowers and compiles the train step `jaxsft.train` runs, for `cfg` on `mesh`.
+def compile_train_step(model: dict | Any, cfg: Config, mesh: Mesh, spec: StepSpec | None = None) -> CompiledStep:
+    """Lowers and compiles the train step `jaxsft.train` runs, for `cfg` on `mesh` with `spec`
+    (default: the config's, without the data's bounds).
 
     `model` is the content of a Hugging Face `config.json`, or `ModelArgs`.
     """
     args = model_args(model, cfg) if isinstance(model, dict) else model
+    spec = spec or StepSpec.of(cfg, mesh.devices.flat[0].platform)
     args, graphdef, state, tx, schedule = abstract_state(args, cfg, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, shardings, cfg.train.loss_chunk,
-                           cfg.train.loss_whole_mib)
+    step = make_train_step(graphdef, tx, schedule, mesh, shardings, spec)
+    lowered = step.lower(state, parallel.abstract_batch(cfg.train.batch_size, cfg.data.seq_len, mesh))
     t = time.perf_counter()
-    compiled = step.lower(state, abstract_batch(cfg.train.batch_size, cfg.data.seq_len, mesh)).compile()
-    return CompiledStep(compiled, args, state["params"], time.perf_counter() - t)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t
+    return CompiledStep(compiled, args, state["params"], compile_s, step_line(spec, lowered, compiled, compile_s))
 
 
 # --------------------------------------------------------------------------- TPU topologies
@@ -169,8 +167,10 @@ def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
                           f"data-parallel size ({parallel.data_parallel_size(mesh)}) x train.grad_accum")
     args = model_args(read_hf_config(cfg.model.path), cfg)
     per_chip = len(devices) // chips  # devices per chip (v4 shows its two TensorCores as devices)
+    longest, most, how = data_bounds(cfg)
+    spec = StepSpec.of(cfg, devices[0].platform, longest, most)
     try:
-        step = compile_train_step(args, cfg, mesh)
+        step = compile_train_step(args, cfg, mesh, spec)
     except Exception as e:  # the TPU compiler's own out-of-memory report names the largest buffers
         text = str(e)
         if "RESOURCE_EXHAUSTED" in text or "HbmOom" in text or "memory" in text.lower():
@@ -204,6 +204,8 @@ def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
         f"model {cfg.model.path}: {n_params / 1e9:.2f}B parameters, {args.num_layers} layers; "
         f"global batch {cfg.train.batch_size} x {cfg.data.seq_len}, grad_accum {cfg.train.grad_accum}, "
         f"params {cfg.model.param_dtype}, compute {cfg.model.compute_dtype}, remat {cfg.model.remat}",
+        f"step bounds: {how}",
+        step.line,
         f"compile time: {step.compile_s:.1f} s",
         f"HBM per chip: {_gib(need_chip)} needed of {_gib(hbm_chip)} "
         f"(arguments {_gib(mem['argument'] * per_chip)}, temporaries {_gib(mem['temp'] * per_chip)}, "

@@ -30,6 +30,9 @@ class ModelConfig:
     # false: unrolled, no stacked buffers for the saved activations (faster steps for shallow
     # models on the CPU; compile time grows with depth)
     scan_layers: bool = True
+    # how attention runs (jaxsft/models/attention.py): auto = splash on TPU, gpu on GPU, blocked
+    # on CPU; reference = plain einsum + softmax (any platform; memory grows with seq_len^2)
+    attention: Literal["auto", "reference", "blocked", "splash", "gpu"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,7 @@ from jaxsft.errors import ConfigError
 from jaxsft.generate import LoadedModel, is_run_source, load_model
 from jaxsft.fewshot import FewShot, answer_span, choose_shots, max_prompt_tokens
 from jaxsft.monitor import info
-from jaxsft.train import batch_bounds, loss_sums
+from jaxsft.train import eval_spec, make_eval_step
 
 
 # --------------------------------------------------------------------------- metrics
@@ -173,20 +173,14 @@ def held_out(cfg: Config, tokenizer, limit: int = 0, fewshot: FewShot | None = N
 def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
     """Loss, perplexity and token accuracy over every trained token of the held-out set."""
     graphdef, params = nnx.split(loaded.model)
+    params = nnx.to_pure_dict(params)
     batches = eval_batches(cfg.data, loaded.tokenizer, local_batch=cfg.train.batch_size // jax.process_count(),
                            process_index=jax.process_index(), process_count=jax.process_count(),
                            max_batches=cfg.train.eval_batches)
     # Attention skips keys further back than the longest example of these rows, and the loss reads
-    # only as many positions per row as the most trained targets of one.
-    longest, row_trained = batch_bounds(batches)
-
-    @jax.jit
-    def step(params, batch):
-        with parallel.activation_sharding(mesh):
-            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, cfg.train.loss_chunk, cfg.train.loss_whole_mib,
-                                               longest, row_trained)
-            return loss_sum, n, correct
-
+    # only as many positions per row as the most trained targets of one: training's eval step.
+    step = make_eval_step(graphdef, mesh, jax.tree.map(lambda x: x.sharding, params),
+                          eval_spec(cfg, mesh, batches))
     total = np.zeros(3)
     for batch in batches:
         total += [float(x) for x in step(params, parallel.global_batch(batch, mesh))]

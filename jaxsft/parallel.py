@@ -144,6 +144,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(RULES["batch"], None))
 
 
+def abstract_batch(global_batch: int, seq_len: int, mesh: Mesh) -> dict:
+    """The batch contract as sharded ShapeDtypeStructs (to lower a step without data)."""
+    from jaxsft.data.pack import BATCH_KEYS
+
+    sharding = batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((global_batch, seq_len), np.int32, sharding=sharding) for k in BATCH_KEYS}
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch dimension is split."""
     return math.prod(mesh.shape[a] for a in RULES["batch"])

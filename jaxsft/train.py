@@ -34,8 +34,9 @@ from jaxsft.data.pack import longest_segment, most_trained
 from jaxsft.data.pipeline import check_shards, eval_batches, train_batches
 from jaxsft.data.render import load_tokenizer
 from jaxsft.errors import ConfigError, DataError, JaxsftError, ModelError, NonFiniteError
-from jaxsft.loss import cross_entropy_sums, row_trained_bound
+from jaxsft.loss import cross_entropy_sums
 from jaxsft.models import DTYPES, args_from_hf_config, from_pretrained, read_hf_config
+from jaxsft.stepspec import StepSpec, data_bounds, step_line
 from jaxsft.monitor import MetricsLog, atomic_write_text, info, memory_estimate, summary_lines
 
 # Small files of a Hugging Face directory that the run keeps a copy of, so export never needs the source.
@@ -74,20 +75,16 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
     return optax.chain(*parts), schedule
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict, loss_chunk: int = 256,
-              loss_whole_mib: int = 64, max_segment_len: int = 0,
-              row_trained: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch (see
-    `jaxsft.loss.cross_entropy_sums` for the chunking). `max_segment_len`: no example in the batch
-    is longer (0: unknown), so attention skips keys further back (`jaxsft.data.pack.longest_segment`).
-    `row_trained`: no row holds more trained targets (0: unknown), so the head reads only that many
-    positions per row (`jaxsft.loss.row_trained_bound`)."""
+def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict,
+              spec: StepSpec = StepSpec()) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch, as `spec`
+    shapes it (see `jaxsft.stepspec.StepSpec`, and `jaxsft.loss.cross_entropy_sums` for the chunking)."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 max_segment_len=max_segment_len)
+                                 max_segment_len=spec.max_segment_len, attention_backend=spec.attention)
     loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"],
-                                              chunk=loss_chunk, softcap=model.logit_softcap,
-                                              whole_bytes=loss_whole_mib * 2**20, row_trained=row_trained)
+                                              chunk=spec.loss_chunk, softcap=model.logit_softcap,
+                                              whole_bytes=spec.loss_whole_mib * 2**20, row_trained=spec.row_trained)
     return loss_sum, (n, correct)
 
 
@@ -117,20 +114,18 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
     return model, graphdef, parallel.on_mesh(state, mesh), tx, schedule
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardings, loss_chunk: int = 256,
-                    loss_whole_mib: int = 64, nonfinite: str = "stop", max_segment_len: int = 0,
-                    row_trained: int = 0):
+def make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec: StepSpec = StepSpec()):
     """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed.
 
     The loss is one sum over every trained token of the global batch (all micro-batches, all
     devices) divided once by their count, so the update does not depend on how the batch is split.
-    `metrics["finite"]` says whether the loss and gradient norm were finite; with `nonfinite="skip"`
-    a step where they are not leaves the parameters and optimizer state as they were.
-    `max_segment_len`, `row_trained`: the longest example and the most trained targets of a row
-    that any batch holds (0: unknown; see `loss_sums`).
+    `metrics["finite"]` says whether the loss and gradient norm were finite; with
+    `spec.nonfinite == "skip"` a step where they are not leaves the parameters and optimizer state
+    as they were. Everything else static (attention backend, the data's bounds, the loss
+    chunking, `grad_accum`) comes from `spec`.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk, loss_whole_mib, max_segment_len,
-                                                        row_trained), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, spec), has_aux=True)
+    grad_accum, nonfinite = spec.grad_accum, spec.nonfinite
 
     def step(state, batch):
         with parallel.activation_sharding(mesh):
@@ -175,11 +170,10 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int, mesh, state_shardin
 
 
 def batch_bounds(batches: list[dict]) -> tuple[int, int]:
-    """`(max_segment_len, row_trained)` for a step over these local batches (held-out rows), the
-    same on every process: their longest example and most trained targets of a row."""
+    """`(longest example, most trained targets of a row)` over these local batches (held-out
+    rows), the same on every process."""
     longest = parallel.global_max(longest_segment([b["segment_ids"] for b in batches]))
-    most = parallel.global_max(most_trained([b["loss_mask"] for b in batches]))
-    return longest, row_trained_bound(most, batches[0]["loss_mask"].shape[-1] if batches else 0)
+    return longest, parallel.global_max(most_trained([b["loss_mask"] for b in batches]))
 
 
 def check_batch_bounds(step: int, local: dict, max_segment_len: int, most: int) -> None:
@@ -215,22 +209,28 @@ def _updated(step: int, metrics: dict, nonfinite: str) -> bool:
     return False
 
 
-def make_eval_step(graphdef, mesh, params_shardings, loss_chunk: int = 256, loss_whole_mib: int = 64,
-                   max_segment_len: int = 0, row_trained: int = 0):
-    """The jitted `(params, batch) -> (loss_sum, trained_tokens)`."""
+def make_eval_step(graphdef, mesh, params_shardings, spec: StepSpec = StepSpec()):
+    """The jitted `(params, batch) -> (loss_sum, trained_tokens, correct)` (training's held-out
+    loss and `jaxsft eval`'s completion loss)."""
     def step(params, batch):
         with parallel.activation_sharding(mesh):
-            loss_sum, (n, _) = loss_sums(graphdef, params, batch, loss_chunk, loss_whole_mib, max_segment_len,
-                                         row_trained)
-            return loss_sum, n
+            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, spec)
+            return loss_sum, n, correct
     return jax.jit(step, in_shardings=(params_shardings, parallel.batch_sharding(mesh)))
+
+
+def eval_spec(cfg: Config, mesh, batches: list[dict]) -> StepSpec:
+    """The eval step's spec for these held-out (local) batches: their own bounds."""
+    longest, most = batch_bounds(batches)
+    seq_len = batches[0]["loss_mask"].shape[-1] if batches else cfg.data.seq_len
+    return dataclasses.replace(StepSpec.of(cfg, mesh.devices.flat[0].platform, longest, most, seq_len), grad_accum=1)
 
 
 def evaluate(eval_step, params, batches: list[dict]) -> float:
     """Completion loss over the held-out (global, on-device) batches: sum over trained tokens / their count."""
     total, count = 0.0, 0.0
     for batch in batches:
-        s, n = eval_step(params, batch)
+        s, n, _ = eval_step(params, batch)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
@@ -320,10 +320,10 @@ def check_same_model(ckpt: Checkpointer, step: int, params: Any, cfg: Config, ru
 
 
 def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True) -> list[str]:
-    """What `train` would run, without loading weights, reading data or writing anything: the
-    resolved config, parameter count, mesh, shardings of the largest parameters and memory per
-    device (the estimate from the shardings; with `compile_step`, also what XLA's compiled step
-    reports, compiled for this host's devices on abstract inputs)."""
+    """What `train` would run, without loading weights or writing anything: the resolved config,
+    parameter count, mesh, shardings of the largest parameters and memory per device (the estimate
+    from the shardings; with `compile_step`, also the step `train` compiles, for this host's
+    devices on abstract inputs, with the data's bounds when `data.train` is at hand)."""
     from jaxsft import aot
     from jaxsft.monitor import memory_line, shard_bytes
 
@@ -347,13 +347,12 @@ def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True)
                      f"{list(x.sharding.shard_shape(x.shape))} ({shard_bytes(x) / 2**20:,.2f} MiB)")
     lines.append(f"memory estimate: {memory_line(memory)}")
     if compile_step:
+        longest, most, how = data_bounds(cfg)
+        spec = StepSpec.of(cfg, mesh.devices.flat[0].platform, longest, most)
+        lines.append(f"step bounds: {how}")
         try:
-            step = aot.compile_train_step(args, cfg, mesh)
-            m = step.memory()
-            total = m["argument"] + m["temp"] + m["output"] - m["alias"] + m["code"]
-            lines.append(f"compiled step (XLA memory_analysis, {step.compile_s:.1f} s to compile): "
-                         f"{total / 2**30:,.3f} GiB per device (arguments {m['argument'] / 2**30:,.3f} GiB, "
-                         f"temporaries {m['temp'] / 2**30:,.3f} GiB)")
+            step = aot.compile_train_step(args, cfg, mesh, spec)
+            lines.append(step.line)
         except Exception as e:  # noqa: BLE001 - the estimate above stands; say why there is no compiled number
             lines.append(f"compiled step: not available ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})")
     lines.append(f"run dir: {cfg.run.dir} (not created: dry run)")
@@ -404,13 +403,12 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     if cfg.data.eval:  # read before anything is written: a bad held-out file changes nothing
         eval_data = eval_batches(cfg.data, tokenizer, local_batch=local_batch, process_index=jax.process_index(),
                                  process_count=jax.process_count(), max_batches=cfg.train.eval_batches)
-    # The longest example on any process: attention skips keys further back than that (the same
-    # compiled step everywhere), and each batch is checked against it before its step.
+    # The longest example and the most trained targets of a row on any process: attention skips
+    # keys further back, the loss reads only that many positions per row (the same compiled step
+    # everywhere), and each batch is checked against both before its step.
     max_segment_len = parallel.global_max(data_iter.longest)
-    # Likewise the most trained targets of a row: the loss reads only that many positions per row.
     most = parallel.global_max(data_iter.most_trained)
-    row_trained = row_trained_bound(most, cfg.data.seq_len)
-    eval_segment_len, eval_row_trained = batch_bounds(eval_data or [])
+    spec = StepSpec.of(cfg, mesh.devices.flat[0].platform, max_segment_len, most)
     if start:
         check_same_model(ckpt, start, state["params"], cfg, run_dir)
     _prepare_run_dir(cfg, run_dir)
@@ -436,15 +434,18 @@ def train(cfg: Config, devices: list | None = None) -> dict:
         info(f"MFU counts {step_flops / 1e12:.3g} TFLOP per step against a peak of {peak / 1e12:.3g} TFLOP/s"
              + (" (measured CPU matmul)" if mesh.devices.flat[0].platform == "cpu" and not cfg.train.peak_tflops else ""))
 
-    step_fn = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, mesh, state_shardings,
-                              cfg.train.loss_chunk, cfg.train.loss_whole_mib, nonfinite=cfg.train.nonfinite,
-                              max_segment_len=max_segment_len, row_trained=row_trained)
+    step_fn = make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec)
+    # Compiled ahead of the loop, exactly as `--dry-run` and `jaxsft compile` compile it (same
+    # spec, same program fingerprint).
+    lowered = step_fn.lower(state, parallel.abstract_batch(cfg.train.batch_size, cfg.data.seq_len, mesh))
+    t_compile = time.perf_counter()
+    step_fn = lowered.compile()
+    info(step_line(spec, lowered, step_fn, time.perf_counter() - t_compile))
     eval_fn = None
     if eval_data is not None:
+        eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], eval_spec(cfg, mesh, eval_data))
         # Put on the devices once: the same held-out batches serve every evaluation.
         eval_data = [parallel.global_batch(b, mesh) for b in eval_data]
-        eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], cfg.train.loss_chunk,
-                                 cfg.train.loss_whole_mib, eval_segment_len, eval_row_trained)
         if start == 0:
             log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data)})
 

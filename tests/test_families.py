@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxsft.models import from_pretrained
 from jaxsft.models.hf_io import iter_hf_tensors
+from jaxsft.stepspec import StepSpec
 from jaxsft.train import loss_sums
 
 VOCAB, SEQ = 160, 20
@@ -160,7 +161,7 @@ def test_gradients_match_torch_autograd(family):
              "positions": jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ)), "segment_ids": jnp.ones((2, SEQ), jnp.int32)}
 
     def loss_fn(p):
-        loss_sum, (n, _) = loss_sums(graphdef, p, batch, loss_chunk=8, loss_whole_mib=0)
+        loss_sum, (n, _) = loss_sums(graphdef, p, batch, StepSpec(loss_chunk=8, loss_whole_mib=0))
         return loss_sum / n
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)

@@ -75,3 +75,30 @@ def test_a_batch_beyond_the_compiled_bounds_stops_the_run():
         check_batch_bounds(7, batch, 2, 3)
     with pytest.raises(DataError, match="step 7: a packed row holds 3 trained targets"):
         check_batch_bounds(7, batch, 3, 2)
+
+
+@pytest.mark.parametrize("mesh", [["mesh.fsdp=1"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]],
+                         ids=["one-device", "data2-fsdp2-tensor2"])
+def test_dry_run_compiles_the_program_training_runs(tmp_path, tiny_llama, capsys, mesh):
+    """`train --dry-run` (and `jaxsft compile`, which shares `aot.compile_train_step`) compiles the
+    step `train` runs: the same step spec (the data's bounds), the same program fingerprint (a
+    hash of the lowered StableHLO) and the same memory statistics."""
+    import re
+
+    from jaxsft.train import dry_run
+
+    devices = jax.devices()[:1] if mesh == ["mesh.fsdp=1"] else jax.devices()
+    overrides = [f"model.path={tiny_llama}", f"data.train={DEMO_TRAIN}", "data.seq_len=128", "train.steps=1",
+                 "train.batch_size=8", "checkpoint.every=100", f"run.dir={tmp_path / 'run'}", "run.plot=false", *mesh]
+    planned = [x for x in dry_run(load_config(None, overrides), devices=devices) if x.startswith("step")]
+    capsys.readouterr()
+    train(load_config(None, overrides), devices=devices)
+    ran = [x for x in capsys.readouterr().err.splitlines() if x.startswith("step: ")]
+    assert planned[0] == "step bounds: from data.train" and len(ran) == 1
+    strip = lambda line: re.sub(r"compiled in [\d.]+ s", "", line)  # noqa: E731
+    assert strip(planned[1]) == strip(ran[0])
+    assert "attention blocked" in ran[0] and re.search(r"longest example \d+,", ran[0]) and "program " in ran[0]
+    # A different spec is a different program: the fingerprint can fail.
+    other = [x for x in dry_run(load_config(None, overrides + ["train.loss_whole_mib=0"]), devices=devices)
+             if x.startswith("step: ")]
+    assert other[0].split("program ")[1][:16] != ran[0].split("program ")[1][:16]

@@ -12,6 +12,7 @@ import pytest
 
 from jaxsft import parallel
 from jaxsft.config import MeshConfig, ModelConfig, OptimizerConfig
+from jaxsft.stepspec import StepSpec
 from jaxsft.train import decay_mask, init_state, make_train_step
 
 SEQ = 64
@@ -69,8 +70,8 @@ def run(model_dir, batches, devices, mesh=MeshConfig(fsdp=1), grad_accum=1, max_
     m = parallel.make_mesh(mesh, devices)
     _, graphdef, state, tx, schedule = init_state(ModelConfig(path=str(model_dir)), OPT, 10, m)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(graphdef, tx, schedule, grad_accum, m, shardings, max_segment_len=max_segment_len,
-                           row_trained=row_trained)
+    step = make_train_step(graphdef, tx, schedule, m, shardings,
+                           StepSpec(grad_accum=grad_accum, max_segment_len=max_segment_len, row_trained=row_trained))
     initial = jax.device_get(state["params"])
     trace = []
     for batch in batches:
@@ -230,7 +231,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny_llama, batches, refe
     m = parallel.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
     _, graphdef, state, tx, schedule = init_state(ModelConfig(path=str(tiny_llama), compute_dtype="bfloat16"),
                                                   OPT, 10, m)
-    step = make_train_step(graphdef, tx, schedule, 1, m, jax.tree.map(lambda x: x.sharding, state))
+    step = make_train_step(graphdef, tx, schedule, m, jax.tree.map(lambda x: x.sharding, state))
     state, metrics = step(state, parallel.global_batch(batches[0], m))
     floats = [x for x in jax.tree.leaves(state) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
     assert floats and all(x.dtype == jax.numpy.float32 for x in floats)

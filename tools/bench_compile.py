@@ -43,7 +43,7 @@ def compile_seconds(args: ModelArgs, batch: int, seq: int, mesh) -> tuple[float,
     state = {"params": params, "opt_state": opt_state,
              "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(graphdef, tx, schedule, 1, mesh, state_shardings)
+    step = make_train_step(graphdef, tx, schedule, mesh, state_shardings)
     row = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     batch_spec = {k: row for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
     t0 = time.perf_counter()
