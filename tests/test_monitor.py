@@ -113,5 +113,5 @@ def test_dry_run_prints_and_creates_nothing(tmp_path, capsys, tiny_llama):
     assert "model: llama, " in out and " parameters (float32)" in out
     assert "mesh: {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
     assert "'fsdp'" in out.split("largest parameters")[1]  # the biggest kernels are split over fsdp
-    assert "memory estimate: ~" in out and "compiled step (XLA memory_analysis" in out
+    assert "memory estimate: ~" in out and "step: attention blocked" in out and " GiB per device (arguments " in out
     assert not run_dir.exists()
