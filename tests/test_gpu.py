@@ -1,5 +1,7 @@
 """The GPU attention kernel on a real GPU (skipped on the CPU, where test_attention.py runs it in
-Pallas interpret mode); tools/gpu_check.sh is the fuller check."""
+Pallas interpret mode); tools/gpu_check.sh is the fuller check. conftest.py makes JAX_PLATFORMS
+default to cpu, so on a GPU machine name the platform:
+`JAX_PLATFORMS=cuda .venv/bin/python -m pytest -m gpu tests/test_gpu.py`."""
 
 import jax
 import jax.numpy as jnp
