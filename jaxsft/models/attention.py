@@ -224,20 +224,25 @@ def _splash_rows(q, k, v, segment_ids, spec: AttentionSpec, interpret: bool):
 def splash(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, interpret: bool = False) -> jax.Array:
     """Splash attention, per batch row, under `shard_map` on the active mesh (batch over the
     data-parallel axes, heads over `tensor` where they divide), or directly without one."""
+    return _per_shard(functools.partial(_splash_rows, spec=spec, interpret=interpret), q, k, v, spec.q_segment_ids)
+
+
+def _per_shard(rows, q, k, v, segment_ids):
+    """`rows(q, k, v, segment_ids)` on each device's rows and heads under `shard_map` on the active
+    mesh (batch over the data-parallel axes, heads over `tensor` where they divide): Pallas kernels
+    are not partitioned automatically. Without a mesh (or on one device), `rows` on the whole arrays."""
     from jaxsft import parallel
 
-    seg = spec.q_segment_ids
     mesh = parallel.active_mesh()
     if mesh is None or mesh.size == 1:
-        return _splash_rows(q, k, v, seg, spec, interpret)
+        return rows(q, k, v, segment_ids)
     from jax.sharding import PartitionSpec as P
 
     batch = parallel.mesh_axes("batch", q.shape[0], mesh)
     heads = parallel.mesh_axes("heads", min(q.shape[2], k.shape[2]), mesh)
     qkv = P(batch, None, heads, None)
-    fn = jax.shard_map(functools.partial(_splash_rows, spec=spec, interpret=interpret), mesh=mesh,
-                       in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv, check_vma=False)
-    return fn(q, k, v, seg)
+    return jax.shard_map(rows, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
 # --------------------------------------------------------------------------- gpu (Pallas, Triton)
@@ -259,8 +264,6 @@ def gpu(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, interp
     (the kernel takes equal head counts)."""
     from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
 
-    from jaxsft import parallel
-
     g = q.shape[2] // k.shape[2]
     block = min(128, q.shape[1])
     sizes = pallas_gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block,
@@ -270,13 +273,4 @@ def gpu(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, interp
         k, v = (jnp.repeat(x, g, axis=2) if g > 1 else x for x in (k, v))
         return pallas_gpu.mha(q, k, v, seg, sm_scale=spec.scale, causal=True, block_sizes=sizes, interpret=interpret)
 
-    mesh = parallel.active_mesh()
-    if mesh is None or mesh.size == 1:
-        return rows(q, k, v, spec.q_segment_ids)
-    from jax.sharding import PartitionSpec as P
-
-    batch = parallel.mesh_axes("batch", q.shape[0], mesh)
-    heads = parallel.mesh_axes("heads", min(q.shape[2], k.shape[2]), mesh)
-    qkv = P(batch, None, heads, None)
-    return jax.shard_map(rows, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv,
-                         check_vma=False)(q, k, v, spec.q_segment_ids)
+    return _per_shard(rows, q, k, v, spec.q_segment_ids)
