@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsft.parallel import constrain
+
 
 ROW_TRAINED_MULTIPLE = 64  # the gathered positions per row, rounded up: fewer distinct shapes to compile
 
@@ -54,12 +56,21 @@ def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, l
         hidden, targets, loss_mask = trained_rows(hidden, targets, loss_mask, row_trained)
     b, t, d = hidden.shape
 
+    # Vocabulary-parallel on a mesh (see parallel.RULES): the head split along V, each chunk's rows
+    # gathered over fsdp; a device computes every row's logits for its share of the vocabulary, and
+    # the head's gradient (accumulated over the chunks) is computed split as the head is stored.
+    head = constrain(head, ("head_embed", "head_vocab"))
+
     def one_chunk(h, tgt, m):
+        h, tgt, m = (constrain(x, ("loss_batch",) + (None,) * (x.ndim - 1)) for x in (h, tgt, m))
         logits = jnp.einsum("BCD,DV->BCV", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("loss_batch", None, "head_vocab"))
         if softcap is not None:
             logits = jnp.tanh(logits / softcap) * softcap
         lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+        # The target's logit as a masked sum (not a gather): it stays split along the vocabulary.
+        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == tgt[..., None]
+        target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
         correct = (jnp.argmax(logits, axis=-1) == tgt).astype(jnp.float32)
         return jnp.sum((lse - target_logit) * m), jnp.sum(correct * m)
 

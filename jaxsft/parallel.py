@@ -37,7 +37,17 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "mlp": ("tensor",),
     "norm": None,
     "layers": None,
+    # The output head and the loss (jaxsft.loss) are vocabulary-parallel: the head `[D, V]` is split
+    # along V over fsdp and tensor (along D only where V does not divide), each chunk of rows is
+    # gathered over fsdp, and a device computes every row's logits for its share of the vocabulary.
+    # Its gradient is then computed where it is stored: no whole `[D, V]` float32 partial sum, no
+    # all-gathered head, no reshuffle before the optimizer (1.2 GiB per chip for Llama 3 8B on v5p-8).
+    "head_embed": ("fsdp",),
+    "head_vocab": ("fsdp", "tensor"),
+    "loss_batch": ("data",),
 }
+# Dimensions of these logical axes take their mesh axes before the other dimensions of an array.
+FIRST = ("head_vocab",)
 
 
 def initialize_distributed() -> bool:
@@ -93,8 +103,10 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     dimension (or is already used by an earlier dimension) is dropped, so the array is replicated
     along it rather than failing."""
     used: set[str] = set()
-    spec = []
-    for name, dim in zip(axes, shape):
+    spec: list = [None] * len(axes)
+    order = sorted(range(len(axes)), key=lambda i: axes[i] not in FIRST)  # stable: FIRST, then in order
+    for i in order:
+        name, dim = axes[i], shape[i]
         mesh_axes = RULES.get(name) if name is not None else None
         if name is not None and name not in RULES:
             raise KeyError(f"logical axis '{name}' has no rule in jaxsft.parallel.RULES")
@@ -104,7 +116,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
             if ax not in used and size > 1 and dim % (size * math.prod(mesh.shape[k] for k in kept)) == 0:
                 kept.append(ax)
         used.update(kept)
-        spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+        spec[i] = tuple(kept) if len(kept) > 1 else (kept[0] if kept else None)
     return P(*spec)
 
 

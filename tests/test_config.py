@@ -227,6 +227,10 @@ def test_logical_to_spec():
     # batch is split over data x fsdp; data=1 is dropped (size 1)
     assert logical_to_spec(("batch", "length"), (8, 32), mesh) == P("fsdp", None)
     assert logical_to_spec((None, "vocab"), (3, 10), mesh) == P(None, "tensor")
+    # the output head is vocabulary-parallel: V takes fsdp and tensor first, D keeps nothing...
+    assert logical_to_spec(("head_embed", "head_vocab"), (64, 24), mesh) == P(None, ("fsdp", "tensor"))
+    # ...unless V does not divide: then V keeps what divides it and D takes fsdp
+    assert logical_to_spec(("head_embed", "head_vocab"), (64, 6), mesh) == P("fsdp", "tensor")
     with pytest.raises(KeyError):
         logical_to_spec(("nonsense",), (4,), mesh)
 

@@ -8,6 +8,7 @@ gradient norm of every step and the parameters after the last step (relative dif
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 import pytest
 
 from jaxsft import parallel
@@ -251,3 +252,5 @@ def test_fsdp_shards_adam_moments_like_their_parameters(tiny_llama):
         assert x.sharding.spec == specs[param], path
         sharded += "fsdp" in str(x.sharding.spec)
     assert sharded > 0
+    # the output head is vocabulary-parallel (jaxsft.parallel.RULES): split along V, not along D
+    assert specs["['lm_head']['kernel']"] == P(None, "fsdp")

@@ -399,7 +399,7 @@ class CausalLM(nnx.Module):
         self.args = args
         self.model = DecoderModel(args, rngs=rngs)
         if not args.tie_word_embeddings:
-            self.lm_head = Linear("BTD,DV->BTV", (args.hidden_size, args.vocab_size), ("embed", "vocab"),
+            self.lm_head = Linear("BTD,DV->BTV", (args.hidden_size, args.vocab_size), ("head_embed", "head_vocab"),
                                   dtype=args.param_dtype, rngs=rngs)
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
