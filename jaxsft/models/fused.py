@@ -224,7 +224,8 @@ def _pre_rope(raw, bias, norm, eps, offset):
 @partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def qkv_rope(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, cos: jax.Array, sin: jax.Array,
              extras: dict, eps: float = 1e-6, offset: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries, keys and values of x, with RoPE applied to q and k in float32.
+    """Queries, keys and values of x, with RoPE applied to q and k in x's dtype (as Hugging Face
+    does: its cos and sin are cast to the activations' dtype; biases and norms in float32 first).
 
     x: [B, T, D]; wq: [D, N, H]; wk, wv: [D, K, H]; cos, sin: [B, T, H] (float32). `extras` holds
     what a family adds (each optional): biases `bq` [N, H], `bk`, `bv` [K, H], and the RMSNorm
@@ -235,11 +236,11 @@ def qkv_rope(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, cos: jax
 
 
 def _qkv_rope_fwd(x, wq, wk, wv, cos, sin, extras, eps, offset):
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    c, s = (a[:, :, None, :].astype(x.dtype) for a in (cos, sin))
     raw_q = jnp.einsum("BTD,DNH->BTNH", x, wq)
     raw_k = jnp.einsum("BTD,DKH->BTKH", x, wk)
-    q = rope(_pre_rope(raw_q, extras.get("bq"), extras.get("q_norm"), eps, offset), c, s).astype(x.dtype)
-    k = rope(_pre_rope(raw_k, extras.get("bk"), extras.get("k_norm"), eps, offset), c, s).astype(x.dtype)
+    q = rope(_pre_rope(raw_q, extras.get("bq"), extras.get("q_norm"), eps, offset).astype(x.dtype), c, s)
+    k = rope(_pre_rope(raw_k, extras.get("bk"), extras.get("k_norm"), eps, offset).astype(x.dtype), c, s)
     v = jnp.einsum("BTD,DKH->BTKH", x, wv)
     if "bv" in extras:
         v = v + extras["bv"].astype(x.dtype)
@@ -249,11 +250,11 @@ def _qkv_rope_fwd(x, wq, wk, wv, cos, sin, extras, eps, offset):
 
 
 def _pre_rope_bwd(d, raw, bias, norm, eps, offset):
-    """`(d raw, d bias, d norm)` of `_pre_rope` for the float32 cotangent `d` of its output."""
+    """`(d raw, d bias, d norm)` of `_pre_rope` for the cotangent `d` of its output."""
     if norm is None:
-        return d, (None if bias is None else d.sum(axis=(0, 1)).astype(bias.dtype)), None
+        return d, (None if bias is None else d.astype(jnp.float32).sum(axis=(0, 1)).astype(bias.dtype)), None
     _, vjp = jax.vjp(lambda r, b, w: _pre_rope(r, b, w, eps, offset), raw, bias, norm)
-    d_raw, d_bias, d_norm = vjp(d)
+    d_raw, d_bias, d_norm = vjp(d.astype(jnp.float32))
     return d_raw, d_bias, d_norm
 
 
@@ -261,10 +262,10 @@ def _qkv_rope_bwd(eps, offset, residuals, cts):
     x, wq, wk, wv, cos, sin, extras, (raw_q, raw_k) = residuals
     dq, dk, dv = cts
     b, t, d = x.shape
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    dq, d_bq, d_qn = _pre_rope_bwd(_rope_transposed(dq.astype(jnp.float32), c, s), raw_q, extras.get("bq"),
+    c, s = (a[:, :, None, :].astype(x.dtype) for a in (cos, sin))
+    dq, d_bq, d_qn = _pre_rope_bwd(_rope_transposed(dq.astype(x.dtype), c, s), raw_q, extras.get("bq"),
                                    extras.get("q_norm"), eps, offset)
-    dk, d_bk, d_kn = _pre_rope_bwd(_rope_transposed(dk.astype(jnp.float32), c, s), raw_k, extras.get("bk"),
+    dk, d_bk, d_kn = _pre_rope_bwd(_rope_transposed(dk.astype(x.dtype), c, s), raw_k, extras.get("bk"),
                                    extras.get("k_norm"), eps, offset)
     rows = jnp.concatenate([dq.astype(x.dtype).reshape(b * t, -1), dk.astype(x.dtype).reshape(b * t, -1),
                             dv.astype(x.dtype).reshape(b * t, -1)], axis=1)  # [B*T, (N+2K)*H]
