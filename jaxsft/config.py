@@ -64,10 +64,17 @@ class DataConfig:
     weights: tuple[float, ...] = ()  # one per data.train entry: a weighted mixture; empty: one concatenated set
     schema: Literal["auto", "prompt_completion", "messages", "text"] = "auto"  # auto: by the fields present
     fields: FieldsConfig = FieldsConfig()
+    # Record fields meant to be left out (ids, metadata): with a data.fields mapping set, any other
+    # field that no mapping reads is an error naming it, since its text would silently not be trained.
+    ignore_fields: tuple[str, ...] = ()
     train_on_prompt: bool = False  # train every token, not only completions / assistant turns
     empty: Literal["error", "drop"] = "error"  # an example with no trained tokens
     seq_len: int = 512
-    overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than seq_len
+    # Examples longer than seq_len: drop them; truncate: keep the trained turns that fit whole (a
+    # conversation cut after its last whole assistant turn, text cut at seq_len), else drop;
+    # truncate_prompt: also cut the prompt from the left (after bos / the system message) so the
+    # last completion fits whole, else drop. No completion is ever trained without its end.
+    overlong: Literal["drop", "truncate", "truncate_prompt"] = "drop"
     # Disjoint record shards, each ordered and packed on its own; the global batch takes an equal
     # block of rows from each. 0: one per process (a resumed run keeps its checkpoint's count).
     # The same count gives the same batches on any number of processes.
@@ -318,6 +325,8 @@ def validate(cfg: Config) -> None:
                               f"{len(cfg.data.train)} 'data.train' entries; give one per entry")
         if min(cfg.data.weights) <= 0:
             raise ConfigError(f"config key 'data.weights' must all be positive, got {list(cfg.data.weights)}")
+    if cfg.optimizer.lr < 0:
+        raise ConfigError(f"config key 'optimizer.lr' must be >= 0, got {cfg.optimizer.lr}")
     if cfg.train.steps < 0:
         raise ConfigError(f"config key 'train.steps' must be >= 0, got {cfg.train.steps}")
     for key, value in {"train.loss_chunk": cfg.train.loss_chunk, "train.loss_whole_mib": cfg.train.loss_whole_mib,

@@ -26,7 +26,8 @@ def setup(tmp_path_factory, tiny_llama):
     train, held = root / "train.jsonl", root / "eval.jsonl"
     train.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:24]) + "\n")
     held.write_text("\n".join(DEMO_EVAL.read_text().splitlines()[:3]) + "\n")
-    settings = {"model": {"path": str(tiny_llama)}, "data": {"train": str(train), "eval": str(held), "seq_len": 128},
+    settings = {"model": {"path": str(tiny_llama)}, "data": {"train": str(train), "eval": str(held), "seq_len": 128,
+                         "overlong": "truncate_prompt"},  # the demo records run past 128 tokens
                 "train": {"steps": 2, "batch_size": 8, "seed": 3, "log_every": 1, "eval_batches": 1},
                 "optimizer": {"lr": 1e-3, "warmup_steps": 1}, "checkpoint": {"every": 100},
                 "run": {"dir": str(root / "run"), "tensorboard": False, "plot": False},

@@ -148,12 +148,13 @@ def test_to_example_shifts():
 def test_to_example_overlong_truncate_vs_drop():
     ids = np.arange(100, 130, dtype=np.int32)
     mask = np.zeros(30, np.int32)
-    mask[5:] = 1
-    ex, status = to_example(ids, mask, seq_len=16, overlong="truncate")
+    mask[5:] = 1  # a completion of 25 ids: cut, it would be trained without its end
+    assert to_example(ids, mask, seq_len=16, overlong="truncate") == (None, OVERLONG)
+    assert to_example(ids, mask, seq_len=16, overlong="drop") == (None, OVERLONG)
+    text = np.ones(30, np.int32)  # every token trained (text): cut at seq_len
+    ex, status = to_example(ids, text, seq_len=16, overlong="truncate")
     assert status == TRUNCATED
     assert np.array_equal(ex["tokens"], ids[:16]) and np.array_equal(ex["targets"], ids[1:17])
-    assert np.array_equal(ex["loss_mask"], mask[1:17])
-    assert to_example(ids, mask, seq_len=16, overlong="drop") == (None, OVERLONG)
 
 
 def test_to_example_nothing_trained():
@@ -440,7 +441,8 @@ def test_shuffled_epochs_cover_every_record(chat_tok, tmp_path):
     path = tmp_path / "small.jsonl"
     records = _records(10)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = _cfg(train=(str(path),), packing_bins=1, seq_len=128)  # one example per row, one row per window
+    # One example per row, one row per window; prompts cut so the longer records fit too.
+    cfg = _cfg(train=(str(path),), packing_bins=1, seq_len=128, overlong="truncate_prompt")
     p = prepare_train(cfg, chat_tok, seed=0)
     by_tokens = {tuple(p.stores[0][i]["tokens"].tolist()): i for i in range(10)}
 
@@ -476,11 +478,11 @@ def test_empty_examples_error_or_drop(chat_tok, tmp_path):
 def test_overlong_counts(chat_tok):
     lengths = [len(Renderer(chat_tok).render(r)[0]) - 1 for r in _records()]
     cut = int(np.median(lengths))
-    s = prepare_train(_cfg(seq_len=cut), chat_tok, seed=0).stats
     longer = sum(n > cut for n in lengths)
-    assert s.truncated == longer and s.kept == 2000 and s.tokens == sum(min(n, cut) for n in lengths)
-    s = prepare_train(_cfg(seq_len=cut, overlong="drop"), chat_tok, seed=0).stats
-    assert s.overlong == longer and s.kept == 2000 - longer and s.truncated == 0
+    for overlong in ("drop", "truncate"):  # one completion a record: cut, it would lose its end
+        s = prepare_train(_cfg(seq_len=cut, overlong=overlong), chat_tok, seed=0).stats
+        assert s.overlong == longer and s.kept == 2000 - longer and s.truncated == 0
+        assert s.tokens == sum(n for n in lengths if n <= cut)
     assert max(s.lengths) > cut  # the histogram sees the untruncated lengths
 
 

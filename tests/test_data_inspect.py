@@ -39,7 +39,7 @@ def test_inspect_demo_data(demo_tokenizer_dir, capsys):
     assert main(["data", "inspect", str(DEMO_CONFIG), f"model.path={demo_tokenizer_dir}", "data.seq_len=512",
                  "-n", "2"]) == 0
     out = capsys.readouterr().out
-    assert "records     2,000" in out and "kept        2,000 (0 truncated" in out
+    assert "records     2,000" in out and "kept        2,000 (none truncated)" in out
     assert re.search(r"dropped     0 too long .*, 0 with nothing to train", out)
     assert re.search(r"tokens      [\d,]+, [\d,]+ trained \(\d+\.\d%\)", out)
     assert efficiency(out) >= 0.97, out
@@ -51,7 +51,7 @@ def test_inspect_demo_data(demo_tokenizer_dir, capsys):
 
 
 def test_inspect_long_tail(demo_tokenizer_dir, tmp_path, capsys):
-    """Completions with log-normally distributed lengths (a long tail, some truncated at seq_len)."""
+    """Completions with log-normally distributed lengths (a long tail, some dropped at seq_len)."""
     rng = np.random.default_rng(0)
     words = "order mug lamp teal coral total date quantity name item color paid dollars for the of".split()
     path = tmp_path / "long_tail.jsonl"
@@ -61,8 +61,8 @@ def test_inspect_long_tail(demo_tokenizer_dir, tmp_path, capsys):
     assert main(["data", "inspect", str(DEMO_CONFIG), f"model.path={demo_tokenizer_dir}", f"data.train={path}",
                  "data.seq_len=512", "-n", "0"]) == 0
     out = capsys.readouterr().out
-    truncated = int(re.search(r"\(([\d,]+) truncated", out).group(1).replace(",", ""))
-    assert 0 < truncated < 100  # a tail reaching past seq_len, but a thin one
+    dropped = int(re.search(r"dropped     ([\d,]+) too long", out).group(1).replace(",", ""))
+    assert 0 < dropped < 100  # a tail reaching past seq_len, but a thin one
     assert efficiency(out) >= 0.97, out
 
 

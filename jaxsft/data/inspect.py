@@ -21,7 +21,7 @@ from jaxsft.config import Config
 from jaxsft.data.pack import packing_bound
 from jaxsft.data.pipeline import prepare_train, sources
 from jaxsft.data.prepare import DataStats
-from jaxsft.data.render import EMPTY, Renderer, fit, load_tokenizer, nothing_to_train
+from jaxsft.data.render import EMPTY, Renderer, load_tokenizer, nothing_to_train
 from jaxsft.errors import ConfigError
 
 ANSI_TRAINED, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"
@@ -70,7 +70,7 @@ def report(stats: DataStats, cfg: Config, kept_lengths: list[int]) -> list[str]:
     bound, why = packing_bound(kept_lengths, cfg.data.seq_len)
     return [
         f"records     {d.records:,}",
-        f"kept        {d.kept:,} ({d.truncated:,} truncated to seq_len {cfg.data.seq_len})",
+        f"kept        {d.kept:,} ({d.truncation(cfg.data.seq_len, named=False)})",
         f"dropped     {d.overlong:,} too long (data.overlong={cfg.data.overlong}), "
         f"{d.empty:,} with nothing to train (data.empty={cfg.data.empty})",
         f"tokens      {d.tokens:,}, {d.trained:,} trained ({d.trained / max(d.tokens, 1):.1%})",
@@ -116,7 +116,7 @@ def dump_json(cfg: Config, n: int, out: TextIO | None = None) -> int:
             if printed >= n:
                 return printed
             record = source[index]
-            ids, mask, status = fit(*renderer.render(record), cfg.data.seq_len, cfg.data.overlong)
+            ids, mask, status = renderer.fit(record, *renderer.render(record))
             if status == EMPTY and cfg.data.empty == "error":
                 raise nothing_to_train(record["_where"])
             if ids is None:

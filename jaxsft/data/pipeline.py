@@ -79,9 +79,11 @@ def prepare_train(cfg: DataConfig, tokenizer, *, seed: int, process_index: int =
     for source, store in zip(components, prepared.stores):
         if not len(store):
             s = prepared.stats
+            hint = "; data.overlong=truncate_prompt cuts prompts to fit" if s.overlong and cfg.overlong != \
+                "truncate_prompt" else ""
             raise DataError(f"{source}: no example left to train on in data shard {process_index} of {process_count} "
                             f"({s.overlong:,} dropped as too long, {s.empty:,} with nothing to train; see "
-                            f"data.seq_len, data.overlong, data.empty)")
+                            f"data.seq_len, data.overlong, data.empty{hint})")
     prepared.stats.efficiency, prepared.stats.rows = epoch_packing(prepared, cfg, seed)
     return prepared
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxsft.config import DataConfig
-from jaxsft.data.render import EMPTY, OVERLONG, TRUNCATED, Renderer, fit, nothing_to_train, shift
+from jaxsft.data.render import EMPTY, OVERLONG, PROMPT_TRUNCATED, TRUNCATED, Renderer, nothing_to_train, shift
 
 RENDER_CHUNK = 1024  # records templated, then tokenized in one batch
 
@@ -66,20 +66,34 @@ class DataStats:
 
     records: int = 0
     kept: int = 0  # including truncated
-    truncated: int = 0
-    overlong: int = 0  # dropped: too long (overlong=drop), or nothing trained left after truncation
+    truncated: int = 0  # cut at the end (after the last trained turn that fits whole; text at seq_len)
+    prompt_truncated: int = 0  # the prompt cut from the left (overlong=truncate_prompt)
+    overlong: int = 0  # dropped: too long, with no trained turn that could be kept whole
     empty: int = 0  # dropped: nothing trained (empty=drop)
+    policy: str = "drop"  # data.overlong
     tokens: int = 0  # tokens of the kept examples, as packed (after truncation)
     trained: int = 0  # trained targets among them
     lengths: list = dataclasses.field(default_factory=list)  # each record's rendered length (targets), untruncated
     efficiency: float = 0.0  # non-padding fraction of the packed rows of one epoch
     rows: int = 0  # packed rows of one epoch
 
+    def truncation(self, seq_len: int, named: bool = True) -> str:
+        """What `data.overlong` cut, e.g. `truncated 30 prompts to fit 512 (data.overlong=truncate_prompt)`
+        (without `named`, no policy in brackets)."""
+        policy = f" (data.overlong={self.policy})" if named else ""
+        if self.policy == "drop":
+            return f"none truncated{policy}"
+        cuts = f"{self.truncated:,}"
+        if self.policy == "truncate_prompt":
+            at_end = f" and {self.truncated:,} at the end" if self.truncated else ""
+            cuts = f"{self.prompt_truncated:,} prompt{'' if self.prompt_truncated == 1 else 's'}{at_end}"
+        return f"truncated {cuts} to fit {seq_len}{policy}"
+
     def summary(self, seq_len: int, name: str = "data", epoch: str = "") -> list[str]:
         """Console lines: counts, tokens, packing (`epoch` is added after the rows of an epoch)."""
         frac = self.trained / max(self.tokens, 1)
-        return [f"{name}: {self.records:,} records | kept {self.kept:,} ({self.truncated:,} truncated to "
-                f"{seq_len}) | dropped {self.overlong:,} too long, {self.empty:,} with nothing to train",
+        return [f"{name}: {self.records:,} records | kept {self.kept:,} | dropped {self.overlong:,} too long, "
+                f"{self.empty:,} with nothing to train | {self.truncation(seq_len)}",
                 f"{name}: {self.tokens:,} tokens, {self.trained:,} trained ({frac:.1%}) | one epoch packs into "
                 f"{self.rows:,} rows of {seq_len}{epoch} | packing efficiency {self.efficiency:.2%} (non-padding)"]
 
@@ -96,7 +110,7 @@ def prepare(cfg: DataConfig, tokenizer, components: Sequence, *, process_index: 
             process_count: int = 1) -> Prepared:
     """Renders every record of this process's share of each source (see the module docstring)."""
     renderer = Renderer(tokenizer, cfg)
-    stats = DataStats()
+    stats = DataStats(policy=cfg.overlong)
     stores = []
     for source in components:
         pieces = []
@@ -106,16 +120,17 @@ def prepare(cfg: DataConfig, tokenizer, components: Sequence, *, process_index: 
         for c in range(0, len(share), RENDER_CHUNK):
             records = [source[i] for i in share[c:c + RENDER_CHUNK]]
             for record, (ids, mask) in zip(records, renderer.render_many(records)):
-                _count(record, ids, mask, cfg, stats, pieces)
+                _count(record, renderer.fit(record, ids, mask), len(ids), cfg, stats, pieces)
         stores.append(ExampleStore.build(pieces))
     return Prepared(stores, stats)
 
 
-def _count(record: dict, ids: np.ndarray, mask: np.ndarray, cfg: DataConfig, stats: DataStats, pieces: list) -> None:
-    """Applies the length and empty policies to one rendered record, counts it, keeps what survives."""
-    kept_ids, kept_mask, status = fit(ids, mask, cfg.seq_len, cfg.overlong)
+def _count(record: dict, fitted: tuple, length: int, cfg: DataConfig, stats: DataStats, pieces: list) -> None:
+    """Counts one rendered record of `length` ids after the length policy (`fitted`: `Renderer.fit`),
+    applies the empty policy, keeps what survives."""
+    kept_ids, kept_mask, status = fitted
     stats.records += 1
-    stats.lengths.append(len(ids) - 1)
+    stats.lengths.append(length - 1)
     if kept_ids is None:
         if status == EMPTY and cfg.empty == "error":
             raise nothing_to_train(record["_where"])
@@ -124,6 +139,7 @@ def _count(record: dict, ids: np.ndarray, mask: np.ndarray, cfg: DataConfig, sta
         return
     stats.kept += 1
     stats.truncated += status == TRUNCATED
+    stats.prompt_truncated += status == PROMPT_TRUNCATED
     stats.tokens += len(kept_ids) - 1
     stats.trained += int(kept_mask[1:].sum())
     pieces.append((kept_ids, kept_mask, record["_where"]))

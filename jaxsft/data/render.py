@@ -1,11 +1,14 @@
 """Render a record with the model's chat template and mark the tokens to train.
 
 Records come in four shapes (`data.schema`, or `auto`: by the fields present; `data.fields` maps
-other field names onto these):
+other field names onto these; with a mapping set, a record field that no mapping reads is an error
+unless `data.ignore_fields` names it, since it would silently be left out):
   prompt/completion  strings (the prompt is the user turn, the completion the assistant turn) or
                      message lists; the completion is trained
   messages           a conversation (optional system message, tool calls, a `tools` column);
-                     every assistant turn is trained
+                     every assistant turn is trained. Roles are system, user, assistant, tool
+                     and any the chat template compares a role with (Llama 3's `ipython`); any
+                     other (`assitant`, `moderator`) is an error
   text               plain language modelling: every token is trained
 
 The trained tokens are found without `{% generation %}` markers, with any chat template: for each
@@ -19,12 +22,16 @@ conversation's tokens, or the record is refused with a `DataError` naming it.
 Without a chat template, prompt/completion is `prompt + completion + eos` (the tokenizer's special
 tokens, such as bos, before the prompt) with the completion and eos trained, and text is
 `text + eos`.
+
+`fit` applies `data.overlong` to an example longer than `data.seq_len`: it never keeps a trained
+turn without its end (see its docstring).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +41,9 @@ from jaxsft.data.tokens import Tokens, Whole
 from jaxsft.errors import DataError, ModelError
 
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's speaker names
+ROLES = ("system", "user", "assistant", "tool")
+# `message.role == "ipython"`, `message['role'] != 'tool'`: the roles a chat template itself handles.
+_TEMPLATE_ROLE = re.compile(r"""role['"]?\]?\s*[=!]=\s*['"]([A-Za-z_][\w-]*)['"]""")
 
 try:  # what apply_chat_template renders with, minus its per-call argument handling
     from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -60,6 +70,14 @@ def load_tokenizer(path: str):
         raise ModelError(f"{path}: could not load the tokenizer ({e.__class__.__name__}: {first_line})") from None
 
 
+def known_roles(tokenizer) -> tuple[str, ...]:
+    """The message roles records may use: `ROLES`, then any other the chat template compares a role with."""
+    template = getattr(tokenizer, "chat_template", None)
+    texts = template.values() if isinstance(template, dict) else [template] if isinstance(template, str) else []
+    extra = sorted({r for t in texts for r in _TEMPLATE_ROLE.findall(t)} - set(ROLES))
+    return ROLES + tuple(extra)
+
+
 # --- records -> one canonical form -------------------------------------------------------------
 
 def _field(record: dict, name: str, where: str):
@@ -69,7 +87,14 @@ def _field(record: dict, name: str, where: str):
     return record[name]
 
 
-def _messages(value, fields: FieldsConfig, where: str, name: str) -> list[dict]:
+def _unknown_role(role: str, roles: tuple[str, ...], where: str, at: str) -> DataError:
+    close = difflib.get_close_matches(role.lower(), roles, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return DataError(f"{where}: {at} has the unknown role '{role}'{hint}; roles are {', '.join(roles)}")
+
+
+def _messages(value, fields: FieldsConfig, where: str, name: str, roles: tuple[str, ...] | None = None) -> list[dict]:
+    """The messages of `value`, checked (with `roles`: each role among them, after ShareGPT's aliases)."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: '{name}' must be a non-empty list of messages, got {type(value).__name__}")
     out = []
@@ -85,15 +110,18 @@ def _messages(value, fields: FieldsConfig, where: str, name: str) -> list[dict]:
         # Arrow-backed datasets give every message every key (None where absent): keep only real ones,
         # since templates test for keys such as `tool_calls` (apply_chat_template drops them too).
         extra = {k: v for k, v in message.items() if k not in (fields.role, fields.content) and v is not None}
-        out.append({"role": ROLE_ALIASES.get(role, role), **({"content": content} if content is not None else {}),
-                    **extra})
+        role = ROLE_ALIASES.get(role, role)
+        if roles is not None and role not in roles:
+            raise _unknown_role(role, roles, where, f"'{name}'[{i}]")
+        out.append({"role": role, **({"content": content} if content is not None else {}), **extra})
     return out
 
 
-def _as_messages(value, role: str, fields: FieldsConfig, where: str, name: str) -> list[dict]:
+def _as_messages(value, role: str, fields: FieldsConfig, where: str, name: str,
+                 roles: tuple[str, ...] | None = None) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    return _messages(value, fields, where, name)
+    return _messages(value, fields, where, name, roles)
 
 
 def _tools(record: dict, fields: FieldsConfig, where: str):
@@ -112,8 +140,36 @@ def _blank(content) -> bool:
     return content is None or (isinstance(content, str) and not content.strip())
 
 
-def normalize(record: dict, schema: str = "auto", fields: FieldsConfig = FieldsConfig()) -> dict:
-    """The record as `{"kind": "prompt_completion" | "messages" | "text", ...}`, checked; errors name `_where`."""
+def _nothing(value) -> bool:
+    """Whether leaving a field out loses nothing (absent in Arrow rows, or blank, as Alpaca's empty inputs)."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, (list, dict)) and not value)
+
+
+def _check_fields_read(record: dict, kind: str, fields: FieldsConfig, ignore: tuple[str, ...], where: str) -> None:
+    """A `DataError` for record fields that hold something but no `data.fields` key of the schema reads."""
+    read = {"text": {fields.text}, "messages": {fields.messages, fields.tools},
+            "prompt_completion": {fields.prompt, fields.completion, fields.input, fields.system, fields.tools}}[kind]
+    unread = [k for k, v in record.items() if k != "_where" and k not in read and k not in ignore and not _nothing(v)]
+    if not unread:
+        return
+    names = ", ".join(f"'{k}'" for k in unread)
+    what = f"field {names} is" if len(unread) == 1 else f"fields {names} are"
+    if kind == "prompt_completion" and not fields.input and isinstance(record.get(fields.prompt), str):
+        hint = f"map it with data.fields.input={unread[0]} (appended to the prompt after a blank line)"
+    else:
+        hint = f"the {kind} schema reads {', '.join(repr(k) for k in sorted(read) if k)}; map it with data.fields.*"
+    raise DataError(f"{where}: record {what} read by no data.fields mapping and would be left out of the example; "
+                    f"{hint}, or say it is meant with data.ignore_fields=[{','.join(unread)}]")
+
+
+def normalize(record: dict, schema: str = "auto", fields: FieldsConfig = FieldsConfig(), *,
+              roles: tuple[str, ...] | None = None, ignore: tuple[str, ...] | None = None) -> dict:
+    """The record as `{"kind": "prompt_completion" | "messages" | "text", ...}`, checked; errors name `_where`.
+
+    With `roles`, a message role outside them is an error; with `ignore` (the fields meant to be
+    left out), so is a record field that holds something no `data.fields` key reads.
+    """
     where = record.get("_where", "record")
     if schema == "auto":
         if fields.messages in record:
@@ -126,13 +182,15 @@ def normalize(record: dict, schema: str = "auto", fields: FieldsConfig = FieldsC
             have = ", ".join(k for k in record if k != "_where") or "nothing"
             raise DataError(f"{where}: record has none of the fields '{fields.prompt}'/'{fields.completion}', "
                             f"'{fields.messages}' or '{fields.text}' (it has: {have}); map yours with data.fields")
+    if ignore is not None:
+        _check_fields_read(record, schema, fields, ignore, where)
     if schema == "text":
         text = _field(record, fields.text, where)
         if not isinstance(text, str):
             raise DataError(f"{where}: '{fields.text}' must be a string, got {type(text).__name__}")
         return {"kind": "text", "text": text, "blank": not text.strip()}
     if schema == "messages":
-        messages = _messages(_field(record, fields.messages, where), fields, where, fields.messages)
+        messages = _messages(_field(record, fields.messages, where), fields, where, fields.messages, roles)
         blank = all(_blank(m.get("content")) and not m.get("tool_calls") for m in messages if m["role"] == "assistant")
         return {"kind": "messages", "messages": messages, "tools": _tools(record, fields, where), "blank": blank}
     prompt, completion = _field(record, fields.prompt, where), _field(record, fields.completion, where)
@@ -160,10 +218,15 @@ class Renderer:
     def __init__(self, tokenizer, cfg: DataConfig = DataConfig()):
         self.tokenizer = tokenizer
         self.schema, self.fields, self.train_on_prompt = cfg.schema, cfg.fields, cfg.train_on_prompt
+        self.seq_len, self.overlong = cfg.seq_len, cfg.overlong
+        # Unread record fields are refused once a mapping says which fields matter.
+        self.ignore = tuple(cfg.ignore_fields) if cfg.fields != FieldsConfig() else None
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.roles = known_roles(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise DataError("the tokenizer has no eos_token: the model could never learn to stop")
+        self.bos_id = getattr(tokenizer, "bos_token_id", None)
         self.tokens = Tokens(tokenizer)
         self._templates: dict[bool, str] = {}  # the template to use without / with tools
         self._special = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ...: template variables
@@ -179,7 +242,7 @@ class Renderer:
     def render_many(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
         """`render` of each record. Chat records are templated one by one, then tokenized together
         (one batch of whole conversations, one of prefix tails), which is most of the work saved."""
-        xs = [normalize(record, self.schema, self.fields) for record in records]
+        xs = [normalize(record, self.schema, self.fields, roles=self.roles, ignore=self.ignore) for record in records]
         wheres = [record.get("_where", "record") for record in records]
         chats = [i for i, x in enumerate(xs) if x["kind"] != "text" and self.has_template]
         rendered = iter(self._render_chats([xs[i] for i in chats], [wheres[i] for i in chats]))
@@ -270,15 +333,7 @@ class Renderer:
         after: the conversation before it with the generation prompt (what the model sees before it
         answers) and the conversation through it (None: the whole), each with its message count."""
         tools = x["tools"]
-        if x["kind"] == "messages":
-            messages = x["messages"]
-            spans = [(i, i + 1) for i, m in enumerate(messages) if m["role"] == "assistant"]
-        else:
-            system = [{"role": "system", "content": x["system"]}] if x["system"] else []
-            prompt = system + _as_messages(x["prompt"], "user", self.fields, where, self.fields.prompt)
-            completion = _as_messages(x["completion"], "assistant", self.fields, where, self.fields.completion)
-            messages = prompt + completion
-            spans = [(len(prompt), len(messages))]
+        messages, spans = self._chat_messages(x, where)
         text = self._apply(messages, tools, False, where)
         cuts: list[tuple[str, int] | None] = []
         for start, end in spans:
@@ -286,6 +341,40 @@ class Renderer:
             cuts.append(None if end == len(messages) else
                         (self._prefix_text(messages[:end], tools, False, text, where), end))
         return text, cuts
+
+    def _chat_messages(self, x: dict, where: str) -> tuple[list[dict], list[tuple[int, int]]]:
+        """A chat record's messages and the `(start, end)` message indices of its trained turns."""
+        if x["kind"] == "messages":
+            messages = x["messages"]
+            return messages, [(i, i + 1) for i, m in enumerate(messages) if m["role"] == "assistant"]
+        system = [{"role": "system", "content": x["system"]}] if x["system"] else []
+        prompt = system + _as_messages(x["prompt"], "user", self.fields, where, self.fields.prompt, self.roles)
+        completion = _as_messages(x["completion"], "assistant", self.fields, where, self.fields.completion, self.roles)
+        return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+
+    def head(self, record: dict, ids: np.ndarray) -> int:
+        """How many of the rendered record's first tokens `truncate_prompt` never cuts: bos, and with a
+        chat template an opening system message (when it renders alone as a token prefix of the whole)."""
+        bos = int(self.bos_id is not None and len(ids) > 0 and int(ids[0]) == self.bos_id)
+        x = normalize(record, self.schema, self.fields)
+        if not self.has_template or x["kind"] == "text":
+            return bos
+        where = record.get("_where", "record")
+        messages, _ = self._chat_messages(x, where)
+        if messages[0]["role"] != "system" or len(messages) < 2:
+            return bos
+        try:  # a template that refuses a lone system message (Mistral's alternation check): bos only
+            text = self._apply(messages, x["tools"], False, where)
+            prefix = self._apply(messages[:1], x["tools"], False, where)
+        except DataError:
+            return bos
+        n = self.tokens.prefix_len(Whole(text, [int(i) for i in ids]), prefix) if text.startswith(prefix) else None
+        return max(n or 0, bos)
+
+    def fit(self, record: dict, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+        """`fit` of the rendered record with the data config's `seq_len` and `overlong` (and its `head`)."""
+        keep = self.head(record, ids) if self.overlong == "truncate_prompt" and len(ids) - 1 > self.seq_len else 0
+        return fit(ids, mask, self.seq_len, self.overlong, keep)
 
     def _prefix_text(self, messages: list[dict], tools, generation_prompt: bool, full_text: str, where: str) -> str:
         """The rendering of the conversation's first messages, checked to start the whole's text."""
@@ -306,24 +395,55 @@ def nothing_to_train(where: str) -> DataError:
                      f"set data.empty=drop to drop such records")
 
 
-KEPT, TRUNCATED, OVERLONG, EMPTY = "kept", "truncated", "overlong", "empty"
+KEPT, TRUNCATED, PROMPT_TRUNCATED, OVERLONG, EMPTY = "kept", "truncated", "truncated_prompt", "overlong", "empty"
 
 
-def fit(ids: np.ndarray, mask: np.ndarray, seq_len: int,
-        overlong: str) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+def trained_spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    """`(start, end)` of each run of trained ids (a turn with its end-of-turn token); the first id
+    never counts, as it is no token's target."""
+    m = np.asarray(mask[1:]) != 0
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], m.astype(np.int8), [0]]))) + 1
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def fit(ids: np.ndarray, mask: np.ndarray, seq_len: int, overlong: str,
+        keep: int = 0) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """Applies the length policy: `(ids, mask, status)` with at most `seq_len + 1` ids (`seq_len` targets).
 
-    Status `kept` or `truncated` with the arrays; `overlong` (too long with `overlong="drop"`, or
-    nothing trained left after truncation) or `empty` (nothing trained at all) with Nones. The mask
-    of the first id never counts: it is no token's target.
+    A trained turn is never kept without its end. An example of more ids is, by `overlong`:
+      drop             dropped (status `overlong`)
+      truncate         cut after the last trained turn that fits whole (`truncated`); none fits: dropped.
+                       An example trained on every token (text, train_on_prompt) is cut at seq_len.
+      truncate_prompt  as truncate when the last trained turn fits whole; else what precedes that
+                       turn is cut from the left, after its first `keep` ids (bos, a system message),
+                       so the turn fits whole (`truncated_prompt`); an earlier trained turn cut into
+                       is no longer trained. The turn alone too long: dropped.
+    Status `kept`, `truncated` or `truncated_prompt` with the arrays; `overlong` or `empty` (nothing
+    trained at all) with Nones.
     """
-    if not mask[1:].any():
+    spans = trained_spans(mask)
+    if not spans:
         return None, None, EMPTY
-    if len(ids) - 1 <= seq_len:
+    n = seq_len + 1  # the ids of seq_len targets
+    if len(ids) <= n:
         return ids, mask, KEPT
-    if overlong == "drop" or not mask[1:seq_len + 1].any():
+    if overlong == "drop":
         return None, None, OVERLONG
-    return ids[:seq_len + 1], mask[:seq_len + 1], TRUNCATED
+    if spans == [(1, len(ids))]:  # every token trained: no prompt to cut, no turn to keep whole
+        return ids[:n], mask[:n], TRUNCATED
+    start, end = spans[-1]
+    if overlong == "truncate" or end <= n:
+        ends = [b for _, b in spans if b <= n]
+        return (ids[:ends[-1]], mask[:ends[-1]], TRUNCATED) if ends else (None, None, OVERLONG)
+    cut = end - n  # ids to remove after the first `keep`, all before the last turn; its first
+    if cut > start - max(keep, 1):  # token must stay a target (at index 1 or later)
+        return None, None, OVERLONG
+    kept = np.r_[0:keep, keep + cut:end]
+    new_mask = mask[kept].copy()
+    for a, b in spans[:-1]:  # an earlier trained turn partly cut off: trained without its start
+        if a < keep + cut and b > keep:
+            new_mask[(kept >= a) & (kept < b)] = 0
+    return ids[kept], new_mask, PROMPT_TRUNCATED
 
 
 def shift(ids: np.ndarray, mask: np.ndarray) -> dict:
@@ -332,7 +452,8 @@ def shift(ids: np.ndarray, mask: np.ndarray) -> dict:
     return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
 
 
-def to_example(ids: np.ndarray, mask: np.ndarray, seq_len: int, overlong: str) -> tuple[dict | None, str]:
+def to_example(ids: np.ndarray, mask: np.ndarray, seq_len: int, overlong: str,
+               keep: int = 0) -> tuple[dict | None, str]:
     """`fit` then `shift`: `(example or None, status)`."""
-    ids, mask, status = fit(ids, mask, seq_len, overlong)
+    ids, mask, status = fit(ids, mask, seq_len, overlong, keep)
     return (shift(ids, mask) if ids is not None else None), status

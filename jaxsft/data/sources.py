@@ -41,6 +41,19 @@ def _json_object(raw: bytes, where: str) -> dict:
     return record
 
 
+def _check_not_binary(path: Path, head: bytes) -> None:
+    """A clear error for a compressed or Parquet file named as JSON lines (else: bad UTF-8 at line 1)."""
+    if head.startswith(b"\x1f\x8b"):
+        raise DataError(f"{path}: the file is gzip-compressed; name it {path.name}.gz")
+    if head.startswith(b"PAR1"):
+        raise DataError(f"{path}: the file is Parquet; name it {path.with_suffix('.parquet').name}")
+    for magic, kind, tool in ((b"\x28\xb5\x2f\xfd", "zstd", "zstd -d"), (b"BZh", "bzip2", "bunzip2"),
+                              (b"\xfd7zXZ", "xz", "unxz")):
+        if head.startswith(magic):
+            raise DataError(f"{path}: the file is {kind}-compressed, which is not read; decompress it ({tool}) "
+                            f"or recompress it with gzip as {path.name}.gz")
+
+
 class JsonlSource:
     """Records of one JSON-lines file, plain or gzip-compressed (`.gz`: held decompressed in memory)."""
 
@@ -55,6 +68,8 @@ class JsonlSource:
             offsets, sizes, line_numbers = self._index(self._buffer.splitlines(keepends=True))
         else:
             with self.path.open("rb") as f:
+                _check_not_binary(self.path, f.read(4))
+                f.seek(0)
                 offsets, sizes, line_numbers = self._index(f)
         if not offsets:
             raise DataError(f"{self.path}: the file holds no records")
