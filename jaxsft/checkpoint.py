@@ -21,8 +21,12 @@ whatever the mesh that saved it (8 devices `fsdp=8` -> 1 or 2 devices, or the re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import math
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -37,6 +41,7 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from jaxsft.config import CheckpointConfig
+from jaxsft.errors import Interrupted, JaxsftError, check_free_space, disk_full, is_disk_full
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -110,12 +115,33 @@ def _policy(cfg: CheckpointConfig):
     return AnyPreservationPolicy([LatestN(cfg.keep), best])
 
 
+class _QuietOrbaxThreads(logging.Filter):
+    """Drops the tracebacks Orbax logs from each of its threads when a save fails (dozens for one
+    full disk): `Checkpointer.check` raises the failure once, in the main thread."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname
+                    and (record.exc_info or "No space left on device" in record.getMessage()))
+
+
+def local_bytes(state: Any) -> int:
+    """Bytes this process writes for `state`: its shards of each array, one copy of a replicated one."""
+    return sum(math.prod(s.data.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)
+               if isinstance(x, jax.Array) for s in x.addressable_shards if s.replica_id == 0)
+
+
 class Checkpointer:
     """Saves and restores `(state, data_iterator, config)` in a run's checkpoint directory."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig | None = None, *, read_only: bool = False):
         cfg = cfg or CheckpointConfig()
         self.directory = Path(directory).absolute()
+        self._closed = False
+        self._in_flight: int | None = None  # the step of a save started and not yet seen complete
+        self._failed_step: int | None = None
+        self._quiet = _QuietOrbaxThreads()
+        if not read_only:
+            logging.getLogger("absl").addFilter(self._quiet)
         verbosity = absl_logging.get_verbosity()
         if read_only:  # Orbax warns that a read-only manager will not save: that is the point here
             absl_logging.set_verbosity(absl_logging.ERROR)
@@ -142,14 +168,51 @@ class Checkpointer:
         """Starts saving a checkpoint of `step` (the arrays are written in the background; `wait`
         blocks until it is on disk). `metrics` (`{"eval_loss": ...}`) rank it for `checkpoint.keep_best`.
         Returns False, saving nothing, when `step` is already saved."""
+        self.check(wait=True)  # an earlier save that failed stops the run here, before another starts
         if step in self.manager.all_steps():  # e.g. preempted right after a regular save
             return False
+        check_free_space(self.step_dir(step), local_bytes(state), "checkpoint", self._after())
         items = {STATE: ocp.args.PyTreeSave(state, save_args=_save_args(state))}
         if data_iterator is not None:
             items[DATA] = DataSave(data_iterator)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(config)
-        return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self._in_flight = step
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - the synchronous part of the save failed
+            self._fail(e)
+
+    def check(self, wait: bool = False) -> None:
+        """Raises `JaxsftError` (`DiskFullError` for a full disk) if the save in flight failed:
+        checked without blocking while it is still writing, unless `wait`. Its temporary directory
+        is removed first; the checkpoints completed before it are untouched."""
+        if self._in_flight is None or (not wait and self.manager.is_saving_in_progress()):
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - raised from Orbax's threads
+            self._fail(e)
+        self._in_flight = None
+
+    def _after(self) -> str:
+        latest = self.latest_step()
+        kept = (f"the newest complete checkpoint, {self.step_dir(latest)}, is kept" if latest is not None
+                else "no checkpoint was completed yet")
+        return f"; the run stopped: {kept}. Free some space and run the same command to resume"
+
+    def _fail(self, e: Exception) -> None:
+        step, self._in_flight, self._failed_step = self._in_flight, None, self._in_flight
+        with contextlib.suppress(Exception):  # the save's other threads
+            self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full(self.step_dir(step), "checkpoint", after=self._after()) from None
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise JaxsftError(f"checkpoint {self.step_dir(step)}: saving failed ({type(e).__name__}: {first})"
+                          f"{self._after()}") from e
 
     def restore(self, step: int, state_like: Any, data_iterator: Any) -> tuple[Any, Any]:
         """Restores the state onto the shardings of `state_like` (arrays or ShapeDtypeStructs, on any
@@ -183,9 +246,30 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for the saves in flight, then releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the saves in flight, then releases the manager (and its threads: an open one
+        at interpreter exit prints a traceback). Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._failed_step is None:
+                self.check(wait=True)  # the last save, failing here, stops the run like any other
+        finally:
+            self._close_manager()
+            logging.getLogger("absl").removeFilter(self._quiet)
+
+    def _close_manager(self) -> None:
+        # The manager starts removing old temporary directories in a thread; `close` does not wait
+        # for it, and when it outlives the interpreter it prints a traceback (an error early in a run).
+        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+        if self._failed_step is None:
+            self.manager.close()
+            return
+        # After a failed save `wait_until_finished` raises its error again: close the rest as `close` does.
+        for name in ("_checkpointer", "_non_blocking_metadata_store", "_blocking_metadata_store",
+                     "_checkpoint_deleter"):
+            with contextlib.suppress(Exception):
+                getattr(self.manager, name).close()
 
 
 class SavedArrays:
@@ -217,33 +301,59 @@ class SavedArrays:
 
 
 class Preemption:
-    """SIGTERM (the usual preemption notice) becomes "save at the next step boundary and stop".
+    """SIGTERM (the usual preemption notice) and SIGINT (Ctrl-C) during a run, as a context manager
+    around all of it (the previous handlers are put back on exit).
 
-    With one process a SIGTERM handler sets a flag that `reached` reports. With several, JAX's
-    preemption service (which catches SIGTERM itself) agrees on one step for every process, so
-    they all save the same step. Use as a context manager around the loop: the previous handler
-    is put back on exit.
+    While `armed` (around the loop) the first signal becomes "save at the next step boundary and
+    stop", which `reached` reports; a second raises `Interrupted` at once. Unarmed (loading, data
+    preparation, compiling, the step-0 evaluation, and after the loop) a signal raises `Interrupted`
+    at once, saying `idle`. With several processes, JAX's preemption service (which catches SIGTERM
+    itself) agrees on one step for every process, so they all save the same step; SIGINT then
+    raises `Interrupted` at once.
     """
 
-    def __init__(self, checkpointer: Checkpointer):
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpointer: Checkpointer | None = None,
+                 idle: str = "before the first step: nothing was trained or saved"):
         self.checkpointer = checkpointer
-        self.signalled = False
-        self._previous = None
+        self.idle = idle
+        self._armed = checkpointer is not None
+        self.signalled = 0  # the number of the first signal while armed
+        self._previous: dict = {}
 
     def __enter__(self) -> Preemption:
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS if jax.process_count() == 1 else (signal.SIGINT,):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.signalled = True
+        name = signal.Signals(signum).name
+        if self.signalled:
+            raise Interrupted(f"interrupted ({name}) again: stopped at once, without saving the step in progress; "
+                              f"run the same command to resume from the newest checkpoint", signum)
+        if not self._armed or jax.process_count() > 1:
+            raise Interrupted(f"interrupted ({name}) {self.idle}", signum)
+        self.signalled = signum
+
+    @contextlib.contextmanager
+    def armed(self, checkpointer: Checkpointer,
+              after: str = "after the last step; the checkpoints completed so far are kept"):
+        """Within: a signal asks for a save at the next step boundary. After: `idle` is `after`."""
+        self.checkpointer, self._armed = checkpointer, True
+        try:
+            yield self
+        finally:
+            self._armed, self.idle = False, after
 
     def reached(self, step: int) -> bool:
         """Whether to save `step` and stop (every process gets the same answer)."""
         if jax.process_count() > 1:
             return self.checkpointer.manager.reached_preemption(step)
-        return self.signalled
+        return bool(self.signalled)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}

@@ -11,6 +11,7 @@ is only appended to, a torn last line being dropped on the next start.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,7 +25,7 @@ from typing import Any
 
 import jax
 
-from jaxsft.errors import ConfigError
+from jaxsft.errors import ConfigError, disk_full, is_disk_full
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -96,6 +97,20 @@ def wandb_run(project: str, run_dir: Path, config: dict, resume_step: int) -> An
                       resume="allow" if resume_step > 0 else None)
 
 
+@contextlib.contextmanager
+def _named(path: Path, what: str):
+    """Turns a write error without a file name (a buffered write, a flush) into one naming `path`;
+    a full disk into `DiskFullError`."""
+    try:
+        yield
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path, what) from None
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
 class MetricsLog:
     """Appends metrics to `RUN_DIR/metrics.jsonl`, TensorBoard and W&B, and shows them on the console.
 
@@ -153,15 +168,16 @@ class MetricsLog:
         """Logs one record to every sink, and the console."""
         if not self.main:
             return
-        with self.path.open("a") as f:
+        with _named(self.path, "metrics log"), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         step = record["step"]
         scalars = {k: v for k, v in record.items()
                    if k not in ("step", "total_steps") and isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(f"{'eval' if k.startswith('eval_') else 'train'}/{k}", v, step)
-            self._tb.flush()
+            with _named(self.path.parent / TENSORBOARD_DIR, "TensorBoard log"):
+                for k, v in scalars.items():
+                    self._tb.add_scalar(f"{'eval' if k.startswith('eval_') else 'train'}/{k}", v, step)
+                self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
         if self._bar is not None:

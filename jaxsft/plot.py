@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jaxsft.errors import JaxsftError
+from jaxsft.errors import JaxsftError, disk_full, is_disk_full
 from jaxsft.monitor import read_metrics
 
 PLOT_NAME = "metrics.png"
@@ -71,6 +71,11 @@ def _save(fig, out: Path) -> Path:
     try:
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, out)
+    except OSError as e:  # name the file meant, not the temporary one (a full disk: `DiskFullError`)
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(out, "plot") from None
+        raise OSError(e.errno, e.strerror, str(out)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -5,17 +5,20 @@ sums the masked cross entropy and its gradient over micro-batches, divides once 
 trained tokens in the whole global batch, and applies AdamW (clipped, scheduled).
 
 The loop resumes from the newest complete checkpoint (bitwise the same run on the same mesh, and
-resharded onto any other), saves asynchronously every `checkpoint.every` steps, saves and returns
-at the next step boundary on SIGTERM, and stops on (or skips, `train.nonfinite`) a step whose loss
-or gradient norm is not finite, never saving non-finite parameters.
+resharded onto any other), saves asynchronously every `checkpoint.every` steps, saves and stops at
+the next step boundary on SIGTERM or SIGINT, and stops on (or skips, `train.nonfinite`) a step whose
+loss or gradient norm is not finite, never saving non-finite parameters. One run at a time holds a
+run directory, and a resume may not silently change its data or model (`jaxsft.rundir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -27,13 +30,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
-from jaxsft import flops, parallel
+from jaxsft import flops, parallel, rundir
 from jaxsft.checkpoint import Checkpointer, Preemption, SavedArrays, abstract_like
 from jaxsft.config import Config, ModelConfig, OptimizerConfig, config_yaml, to_dict
 from jaxsft.data.pack import longest_segment, most_trained
 from jaxsft.data.pipeline import check_shards, eval_batches, train_batches
 from jaxsft.data.render import load_tokenizer
-from jaxsft.errors import ConfigError, DataError, JaxsftError, ModelError, NonFiniteError
+from jaxsft.errors import (ConfigError, DataError, Interrupted, JaxsftError, ModelError, NonFiniteError, disk_full,
+                           is_disk_full)
 from jaxsft.loss import cross_entropy_sums
 from jaxsft.models import DTYPES, args_from_hf_config, from_pretrained, read_hf_config
 from jaxsft.stepspec import StepSpec, data_bounds, step_line
@@ -366,18 +370,42 @@ def _plot(run_dir: Path) -> None:
     try:
         info(f"plot: {plot_run(run_dir)}")
     except (JaxsftError, OSError, ValueError) as e:
+        if is_disk_full(e):  # the run's other files would not fit either: stop with the one line
+            raise disk_full(getattr(e, "filename", None) or run_dir / "metrics.png", "plot") from None
         info(f"plot: not drawn ({e})")
 
 
-def train(cfg: Config, devices: list | None = None) -> dict:
-    """Runs (or resumes) the training run described by `cfg`; returns the last logged metrics."""
+def train(cfg: Config, devices: list | None = None, force_resume: bool = False) -> dict:
+    """Runs (or resumes) the training run described by `cfg`; returns the last logged metrics.
+
+    Holds `run.dir`'s lock throughout (a second run on it is refused, see `jaxsft.rundir`); refuses
+    to resume with other data, model, seq_len or batch size unless `force_resume` (the change is
+    then recorded in `config_history.yaml`); does nothing when the run already has `train.steps`
+    steps. SIGTERM or SIGINT in the loop saves at the next step boundary and stops (after SIGINT by
+    raising `Interrupted`); before the loop either raises `Interrupted` at once (see
+    `checkpoint.Preemption`). However it stops, the checkpointer is closed and the lock released.
+    """
+    with Preemption() as preemption, contextlib.ExitStack() as run:
+        return _train(cfg, devices, force_resume, preemption, run)
+
+
+def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Preemption,
+           run: contextlib.ExitStack) -> dict:
+    """`train`'s body: what it opens goes on `run`, closed however it ends."""
     run_dir = Path(cfg.run.dir)
     hf_config, _ = check_model(cfg)
+    if cfg.optimizer.lr == 0:  # allowed (a measurement run), but rarely meant
+        info("warning: optimizer.lr is 0: the steps run but the weights will not change")
     if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"config key 'run.wandb_project' is {cfg.run.wandb_project!r}, but the wandb package is "
                           f"not installed (pip install 'jaxsft[wandb]'), or unset the key")
+    at_step = rundir.done_step(run_dir)
+    if at_step and at_step >= cfg.train.steps:
+        info(f"run.dir {run_dir} is at step {at_step}; train.steps={cfg.train.steps} asks for no more: nothing to do")
+        return {}
     if jax.process_index() == 0:
         check_run_dir_writable(run_dir)
+        run.enter_context(rundir.RunLock(run_dir))  # before the checkpointer cleans up, or anything is written
     mesh, dp = make_checked_mesh(cfg, devices)
     if cfg.train.batch_size % jax.process_count():
         raise ConfigError(f"config key 'train.batch_size' must be divisible by the process count {jax.process_count()}")
@@ -392,6 +420,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     peak = flops.peak_flops(list(mesh.devices.flat), cfg.model.compute_dtype, cfg.train.peak_tflops)
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    run.callback(ckpt.close)  # whatever fails below: Orbax's threads left open print a traceback at exit
     start = ckpt.latest_step() or 0
     # data.shards=0: one shard per process, or, resuming, as many as the checkpoint was saved with.
     shards = cfg.data.shards or (start and ckpt.data_shards(start)) or jax.process_count()
@@ -411,6 +440,11 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     spec = StepSpec.of(cfg, mesh.devices.flat[0].platform, max_segment_len, most)
     if start:
         check_same_model(ckpt, start, state["params"], cfg, run_dir)
+        changes = rundir.check_resume(run_dir, rundir.saved_config(run_dir) or ckpt.read_config(start), cfg, start,
+                                      force_resume)
+        if changes and jax.process_index() == 0:
+            history = rundir.record_history(run_dir, start, changes)
+            info(f"resuming with changed {', '.join(changes)} (--force-resume); recorded in {history}")
     _prepare_run_dir(cfg, run_dir)
     if start:
         target = abstract_like(state)
@@ -421,6 +455,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if start else -1, total_steps=cfg.train.steps,
                      tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project, config=to_dict(cfg),
                      progress=cfg.run.progress)
+    run.callback(log.close)
     memory = memory_estimate(state["params"], state["opt_state"], model.args,
                              cfg.train.batch_size // (dp * cfg.train.grad_accum), cfg.data.seq_len,
                              jnp.dtype(DTYPES[cfg.model.compute_dtype]).itemsize, cfg.model.remat)
@@ -454,7 +489,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     t0, steps_since = time.perf_counter(), 0
     skipped, unchecked, preempted = 0, None, False
     try:
-        with Preemption(ckpt) as preemption:
+        with preemption.armed(ckpt):
             for step in range(start, cfg.train.steps):
                 local = next(data_iter)
                 check_batch_bounds(step + 1, local, max_segment_len, most)
@@ -471,6 +506,9 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                 eval_now = eval_fn is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last)
                 # checkpoint.keep_best: every evaluated step is saved with its eval_loss, so the best can be kept.
                 save_now = done % cfg.checkpoint.every == 0 or is_last or preempted or (eval_now and cfg.checkpoint.keep_best)
+                # A save that failed in the background (a full disk) stops the run before this step
+                # is logged; before a save, wait for the one in flight to know.
+                ckpt.check(wait=save_now)
                 if log_now or save_now:
                     skipped += not _updated(done, metrics, cfg.train.nonfinite)
                     unchecked = None
@@ -500,17 +538,20 @@ def train(cfg: Config, devices: list | None = None) -> dict:
                     ckpt.save(done, state, data_iter, config=to_dict(cfg),
                               metrics={"eval_loss": record["eval_loss"]} if eval_now else None)
                 if preempted:
-                    info(f"preempted (SIGTERM): saved step {done} in {ckpt.step_dir(done)}; run the same "
-                         f"command to resume")
+                    saved = f"saved step {done} in {ckpt.step_dir(done)}; run the same command to resume"
+                    if preemption.signalled != signal.SIGINT:  # SIGTERM, or the preemption service
+                        info(f"preempted (SIGTERM): {saved}")
                     break
     finally:
         ckpt.close()  # a save in flight completes even when the loop raised
         log.close()
     if cfg.run.plot and jax.process_index() == 0:
         _plot(run_dir)
+    if preempted and preemption.signalled == signal.SIGINT:
+        raise Interrupted(f"interrupted (SIGINT): {saved}", signal.SIGINT)
     if cfg.run.export and not preempted:
         from jaxsft.export import export
 
-        export(run_dir, cfg.run.export)
+        info(f"exported {export(run_dir, cfg.run.export)}")
     return last
 
