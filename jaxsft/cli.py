@@ -1,11 +1,12 @@
 """The `jaxsft` command: parse arguments, call one function per command.
 
-    jaxsft train CONFIG.yaml [section.key=value ...] [--dry-run]
+    jaxsft train CONFIG.yaml [section.key=value ...] [--dry-run] [--force-resume]
     jaxsft plot RUN_DIR
-    jaxsft export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
+    jaxsft export RUN_DIR_OR_CHECKPOINT_OR_HF_DIR OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
+    jaxsft import-gguf FILE.gguf OUT_DIR [--dtype float32|bfloat16]
     jaxsft data inspect CONFIG.yaml [section.key=value ...] [-n N] [--json N]
     jaxsft compile CONFIG.yaml --topology v5p-8 [section.key=value ...]
-    jaxsft generate MODEL (--prompt TEXT | --file PROMPTS.jsonl) [key=value ...]
+    jaxsft generate MODEL (--prompt TEXT | --file PROMPTS.jsonl) [--system TEXT] [key=value ...]
     jaxsft eval CONFIG.yaml --model MODEL [--baseline MODEL] [--few-shot K] [--out DIR] [section.key=value ...]
     jaxsft curve CONFIG.yaml --sizes 100,300,1000 [--metric NAME] [--few-shot K] [--epochs E] [--out DIR]
                  [section.key=value ...]
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxsft.errors import JaxsftError
+from jaxsft.errors import Interrupted, JaxsftError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,14 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, parameters, mesh, shardings and memory; train nothing")
+    t.add_argument("--force-resume", action="store_true",
+                   help="resume even though data, model.path, data.seq_len or train.batch_size changed (the "
+                        "change is recorded in RUN_DIR/config_history.yaml)")
     pl = sub.add_parser("plot", help="draw RUN_DIR/metrics.png: loss, eval loss, learning rate, tokens/s")
     pl.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
     e = sub.add_parser("export", help="write a Hugging Face model directory from a run or checkpoint")
-    e.add_argument("source", help="run directory (newest checkpoint) or one checkpoint directory")
+    e.add_argument("source", help="run directory (newest checkpoint), one checkpoint directory, or a Hugging Face "
+                                   "directory (copied in --dtype)")
     e.add_argument("out", help="output directory (must not exist or be empty)")
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     e.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB (default), 500MB, 2GiB; above it, shards plus an index")
+    ig = sub.add_parser("import-gguf", help="write a Hugging Face model directory from a GGUF file (dequantized)")
+    ig.add_argument("gguf", help="GGUF file (needs the gguf package: pip install \"jaxsft[gguf]\")")
+    ig.add_argument("out", help="output directory (must not exist or be empty)")
+    ig.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     c = sub.add_parser("compile", help="compile the train step for a TPU topology from this host: fits? how fast?")
     c.add_argument("config", help="YAML config file (model.path needs only config.json)")
     c.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -44,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*", help="decoding settings: max_new_tokens=, temperature=, top_k=, top_p=, "
                                                 "seed=, stop=[...], batch_size=")
     g.add_argument("--prompt", help="one prompt (the user message); its completion is printed")
-    g.add_argument("--file", help="JSONL of {prompt} or {messages} records; prints one JSON line per record")
+    g.add_argument("--file", help="JSONL of {prompt, system?} or {messages} records; prints one JSON line per record")
+    g.add_argument("--system", help="system prompt for --prompt, and for --file records that have none")
     v = sub.add_parser("eval", help="held-out loss and generation metrics, optionally against a baseline")
     v.add_argument("config", help="YAML config file (data.eval, eval.*)")
     v.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -86,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from jaxsft.platforms import name_host_platforms
+
+    name_host_platforms()  # before jax is imported: no libtpu errors on a host without a TPU
     if args.command in _RUNS_STEPS:
         from jaxsft.hostmem import cpu_backend_expected, keep_freed_memory
 
@@ -105,12 +118,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             initialize_distributed()  # a multi-process job joins before anything touches the devices
             # After SIGTERM, train saves the current step and returns normally: exit 0, resumable.
-            train(cfg)
+            # After Ctrl-C it saves too, then raises Interrupted: exit 130.
+            train(cfg, force_resume=args.force_resume)
         elif args.command == "export":
             from jaxsft.export import export
 
             out = export(args.source, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
             print(f"exported {out}")
+        elif args.command == "import-gguf":
+            from jaxsft.gguf import import_gguf
+
+            print(f"imported {import_gguf(args.gguf, args.out, dtype=args.dtype)}")
         elif args.command == "plot":
             from jaxsft.plot import plot_run
 
@@ -121,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             from jaxsft.config import generate_config
             from jaxsft.generate import generate_main
 
-            generate_main(args.model, args.prompt, args.file, generate_config(args.overrides))
+            generate_main(args.model, args.prompt, args.file, generate_config(args.overrides), system=args.system)
         elif args.command == "eval":
             from jaxsft.config import load_config
             from jaxsft.evaluate import markdown, run_eval
@@ -147,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     except JaxsftError as e:
         print(f"jaxsft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGINT or SIGTERM; the message says what was saved
+        print(f"jaxsft {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before a command took the signal over
+        print(f"jaxsft {args.command}: interrupted (SIGINT)", file=sys.stderr)
+        return 130
     except OSError as e:  # a full disk, a read-only file system: name the file, no traceback
         if e.filename is None:
             raise
@@ -165,7 +189,8 @@ def _compile(args) -> int:
     import os
 
     # libtpu looks for a TPU at import unless told this host has none; the CPU backend is enough.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if not os.environ.get("JAX_PLATFORMS", "").strip():  # unset or empty
+        os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     from jaxsft.aot import compile_report
     from jaxsft.config import load_config

@@ -1,6 +1,7 @@
 """Checkpoint -> Hugging Face model directory that `transformers` loads unchanged.
 
     jaxsft export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
+    jaxsft export HF_DIR OUT_DIR [...]       # a copy of a Hugging Face directory, in the export dtype
 
 Writes `config.json` (the original's, every field kept, dtype updated), the weights as safetensors
 (`model.safetensors`, or, above `max_shard_size`, numbered shards listed by
@@ -40,9 +41,9 @@ from flax import nnx
 
 from jaxsft.checkpoint import Checkpointer, SavedArrays
 from jaxsft.config import load_config
-from jaxsft.errors import JaxsftError
-from jaxsft.models import DTYPES, abstract_model, args_from_hf_config
-from jaxsft.models.hf_io import hf_name, hf_shape, to_hf
+from jaxsft.errors import JaxsftError, check_free_space, disk_full, is_disk_full
+from jaxsft.models import DTYPES, abstract_model, args_from_hf_config, read_hf_config
+from jaxsft.models.hf_io import SafetensorsReader, hf_name, hf_shape, to_hf
 
 # Export dtype -> (safetensors dtype name, numpy dtype).
 _DTYPES = {"float32": ("F32", np.dtype(np.float32)), "bfloat16": ("BF16", np.dtype(ml_dtypes.bfloat16))}
@@ -72,8 +73,8 @@ def resolve_source(source: str | Path) -> tuple[Path, int]:
         return source, step
     if source.name.isdigit() and (source.parent.parent / "config.yaml").is_file():
         return source.parent.parent, int(source.name)
-    raise JaxsftError(f"{source}: neither a run directory (config.yaml + checkpoints/) nor a checkpoint "
-                      f"directory (RUN_DIR/checkpoints/STEP)")
+    raise JaxsftError(f"{source}: neither a run directory (config.yaml + checkpoints/), a checkpoint "
+                      f"directory (RUN_DIR/checkpoints/STEP) nor a Hugging Face directory (config.json)")
 
 
 def load_checkpoint(source: str | Path) -> tuple[Path, dict, Any, Any]:
@@ -120,6 +121,21 @@ def hf_tensors(arrays: SavedArrays) -> list[Tensor]:
             tensors.append(Tensor(name, hf_shape(kind, tuple(leaf.shape)),
                                   functools.partial(_read_hf, arrays, leaf, (), kind)))
     return sorted(tensors, key=lambda t: _natural(t.name))
+
+
+def is_hf_source(source: str | Path) -> bool:
+    """Whether `source` is a Hugging Face model directory (config.json, and not a run's files)."""
+    source = Path(source)
+    return (source / "config.json").is_file() and not (source / "config.yaml").is_file() and not (
+        source.name.isdigit() and (source.parent.parent / "config.yaml").is_file())
+
+
+def hf_dir_tensors(reader: SafetensorsReader) -> list[Tensor]:
+    """The tensors of a Hugging Face directory's safetensors files, by name, each read whole when written."""
+    def read(name: str) -> np.ndarray:
+        return reader.file(name).read(name, ())
+    return sorted((Tensor(name, reader.file(name).shape(name), functools.partial(read, name)) for name in reader.files),
+                  key=lambda t: _natural(t.name))
 
 
 def plan_shards(tensors: list[Tensor], itemsize: int, max_bytes: int) -> list[list[Tensor]]:
@@ -181,14 +197,15 @@ def write_weights(out_dir: Path, tensors: list[Tensor], dtype: str, max_bytes: i
     return names + [INDEX]
 
 
-def _write_side_files(out_dir: Path, hf_files: Path, dtype: str) -> None:
+def _write_side_files(out_dir: Path, hf_files: Path, dtype: str, names: tuple[str, ...] | None = None) -> None:
     """`config.json` (every original field, the dtype updated), the tokenizer files and the
-    generation config, from the copies the run kept of the model directory's small files."""
+    generation config, from the copies the run kept of the model directory's small files (or,
+    given `names`, those of them that a Hugging Face directory holds)."""
     hf_config = json.loads((hf_files / "config.json").read_text())
     hf_config["dtype" if "torch_dtype" not in hf_config else "torch_dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     for f in hf_files.iterdir():
-        if f.name != "config.json":
+        if f.name != "config.json" and (names is None or f.name in names):
             shutil.copy2(f, out_dir / f.name)
     if not (out_dir / "generation_config.json").exists():
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
@@ -214,28 +231,53 @@ def _remove_dead_partials(out: Path) -> None:
 
 
 def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shard_size: str | int = "5GB") -> Path:
-    """Writes the Hugging Face directory `out` from a run directory (its newest checkpoint) or one
-    checkpoint directory; returns `out`. Every process calls it; process 0 writes."""
+    """Writes the Hugging Face directory `out` from a run directory (its newest checkpoint), one
+    checkpoint directory, or a Hugging Face directory (copied in `dtype`: its safetensors weights,
+    config.json and the tokenizer and generation files); returns `out`. Every process calls it;
+    process 0 writes."""
     out = Path(out).absolute()
     if dtype not in _DTYPES:
         raise JaxsftError(f"export dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     max_bytes = parse_size(max_shard_size)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise JaxsftError(f"export output {out} already exists and is not empty; choose a new directory")
-    run_dir, step = resolve_source(source)
+    reader, names = None, None
+    if is_hf_source(source):
+        from jaxsft.train import HF_SIDE_FILES
+
+        read_hf_config(source)  # a config.json that is not JSON is named before anything is written
+        reader, files, names = SafetensorsReader(Path(source)), Path(source), HF_SIDE_FILES
+    else:
+        run_dir, step = resolve_source(source)
+        files = run_dir / "hf"
     if jax.process_index() == 0:
-        tensors = hf_tensors(SavedArrays(Checkpointer(run_dir / "checkpoints", read_only=True).step_dir(step)))
+        if reader is not None:
+            tensors = hf_dir_tensors(reader)
+        else:
+            tensors = hf_tensors(SavedArrays(Checkpointer(run_dir / "checkpoints", read_only=True).step_dir(step)))
         _remove_dead_partials(out)
+        itemsize = _DTYPES[dtype][1].itemsize
+        side = sum(f.stat().st_size for f in files.iterdir() if f.is_file() and (names is None or f.name in names))
+        check_free_space(out, sum(math.prod(t.shape) * itemsize for t in tensors) + side, "export",
+                         "; nothing was written")
         tmp = _partial_dir(out, os.getpid())
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             write_weights(tmp, tensors, dtype, max_bytes)
-            _write_side_files(tmp, run_dir / "hf", dtype)
+            _write_side_files(tmp, files, dtype, names)
             os.replace(tmp, out)  # atomic; an empty `out` directory is replaced
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):  # a buffered write names no file: name the output
+                raise disk_full(out, "export", after="; nothing was written") from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if reader is not None:
+                reader.close()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

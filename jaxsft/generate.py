@@ -268,17 +268,25 @@ def read_prompts(path: str | Path) -> list[dict]:
     return records
 
 
-def generate_main(source: str, prompt: str | None, file: str | None, cfg: GenerateConfig) -> list[dict]:
-    """`jaxsft generate`: one prompt (its text is printed) or a file of them (one JSON line each)."""
+def generate_main(source: str, prompt: str | None, file: str | None, cfg: GenerateConfig,
+                  system: str | None = None) -> list[dict]:
+    """`jaxsft generate`: one prompt (its text is printed) or a file of them (one JSON line each,
+    the record's `system` kept). `system` is the system prompt of `prompt`, and of the file's
+    records that have none."""
     if (prompt is None) == (file is None):
         raise JaxsftError("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
     loaded = load_model(source)
-    records = [{"prompt": prompt, "system": None}] if prompt is not None else read_prompts(file)
+    records = [{"prompt": prompt, "system": system}] if prompt is not None else read_prompts(file)
+    for r in records:
+        if r.get("system") is None and system is not None and not isinstance(r["prompt"], list):
+            r["system"] = system
     ids = [loaded.prompt(r["prompt"], r.get("system")) for r in records]
     texts = loaded.generate(ids, cfg)
+    results = [{"prompt": r["prompt"], **({"system": r["system"]} if r.get("system") is not None else {}),
+                "generation": t} for r, t in zip(records, texts)]
     if prompt is not None:
         print(texts[0])
     else:
-        for r, text in zip(records, texts):
-            print(json.dumps({"prompt": r["prompt"], "generation": text}, ensure_ascii=False))
-    return [{"prompt": r["prompt"], "generation": t} for r, t in zip(records, texts)]
+        for result in results:
+            print(json.dumps(result, ensure_ascii=False))
+    return results

@@ -245,3 +245,132 @@ def test_wandb_project_without_wandb(tmp_path, capsys, tiny_llama, trained):
     shutil.copytree(run_dir, run)
     run_case(capsys, ["train", "-", *base_overrides(tiny_llama, data, run), "run.wandb_project=demo"], tmp_path,
              ["run.wandb_project", "pip install"])
+
+
+# More cases, same contract: one message naming the key or the file, exit 2, nothing changed.
+def _hf_copy(edit):
+    def setup(d, run, model, data):
+        bad = copy_model(model, d / "model")
+        edit(bad)
+        return ["export", str(bad), str(d / "out")]
+    return setup
+
+
+def _generate(*args, prompts=None):
+    def setup(d, run, model, data):
+        extra = ["--file", str(lines_file(d / "prompts.jsonl", *prompts))] if prompts else []
+        return ["generate", str(model), *args, *extra]
+    return setup
+
+
+def _inspect(*extra):
+    def setup(d, run, model, data):
+        (d / "empty.yaml").write_text("{}\n")
+        return ["data", "inspect", str(d / "empty.yaml"), *base_overrides(model, data, run), *extra]
+    return setup
+
+
+MORE_CASES = [
+    ("negative_lr", _overrides("optimizer.lr=-0.001"), ["optimizer.lr", ">= 0"]),
+    ("weights_not_one_per_file", _overrides("data.weights=[1,2]"), ["data.weights", "one per entry"]),
+    ("grad_accum_not_dividing_batch", _overrides("train.grad_accum=3"), ["train.batch_size", "train.grad_accum"]),
+    ("two_mesh_axes_fill", _overrides("mesh.data=-1"), ["at most one of", "mesh.data"]),
+    ("label_in_set_without_labels", _overrides("eval.metrics=[label_in_set]"), ["eval.metrics", "eval.labels"]),
+    ("user_metric_not_module_function", _overrides("eval.user_metric=nocolon"), ["eval.user_metric", "pkg.module"]),
+    ("eval_top_p_out_of_range", _overrides("eval.top_p=0"), ["eval.top_p", "(0, 1]"]),
+    ("inspect_missing_data", _inspect("data.train={dir}/nowhere.jsonl"), ["data file not found", "nowhere.jsonl"]),
+    ("export_bad_shard_size", lambda d, run, m, data: ["export", str(run), str(d / "out"), "--max-shard-size", "lots"],
+     ["max shard size", "'lots'"]),
+    ("export_hf_dir_config_not_json", _hf_copy(lambda m: (m / "config.json").write_text("{not json")),
+     ["config.json", "not valid JSON"]),
+    ("export_hf_dir_without_weights", _hf_copy(lambda m: (m / "model.safetensors").unlink()),
+     ["model", "no model.safetensors"]),
+    ("generate_without_prompt", _generate(), ["exactly one of --prompt", "--file"]),
+    ("generate_bad_setting", _generate("--prompt", "hi", "top_p=2"), ["top_p", "(0, 1]"]),
+    ("generate_record_without_prompt", _generate(prompts=['{"prompt": "hi"}', '{"question": "x"}']),
+     ["prompts.jsonl:2", "neither a 'prompt' nor a 'messages'"]),
+]
+
+
+@pytest.mark.parametrize("name,setup,expected", MORE_CASES, ids=[c[0] for c in MORE_CASES])
+def test_more_bad_input(tmp_path, capsys, tiny_llama, trained, name, setup, expected):
+    run_dir, data = trained
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    run_case(capsys, setup(tmp_path, run, tiny_llama, data), tmp_path, expected)
+
+
+# Behaviour that must not be silent: each says what it did in one line.
+def copied_run(tmp_path, trained) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    return run
+
+
+def test_zero_lr_warns_at_start(tmp_path, capsys, tiny_llama, trained):
+    run = copied_run(tmp_path, trained)
+    before = snapshot(run)
+    capsys.readouterr()
+    overrides = base_overrides(tiny_llama, trained[1], run) + ["train.steps=1", "optimizer.lr=0"]
+    assert cli.main(["train", str(tmp_path / "empty.yaml"), *overrides]) == 0  # a warning, not an error
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "optimizer.lr" in line]
+    assert warnings == ["warning: optimizer.lr is 0: the steps run but the weights will not change"], err
+    assert err.splitlines()[0] == warnings[0]  # said first
+    assert snapshot(run) == before
+
+
+def test_train_says_where_it_exported(tmp_path, capsys, tiny_llama, trained):
+    run = copied_run(tmp_path, trained)
+    out = tmp_path / "exported"
+    capsys.readouterr()
+    overrides = base_overrides(tiny_llama, trained[1], run)[:-2] + [f"run.export={out}", "run.plot=false"]
+    assert cli.main(["train", str(tmp_path / "empty.yaml"), *overrides]) == 0
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1] == f"exported {out}", err[-2000:]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_generate_system_prompt(tmp_path, capsys, monkeypatch, tiny_llama):
+    from jaxsft import generate
+
+    seen = []
+    render = generate.render_prompt
+    monkeypatch.setattr(generate, "render_prompt", lambda tok, prompt, system=None: seen.append(system) or
+                        render(tok, prompt, system))
+    capsys.readouterr()
+    assert cli.main(["generate", str(tiny_llama), "--prompt", "Say hi.", "--system", "Be brief.",
+                     "max_new_tokens=2"]) == 0
+    assert seen == ["Be brief."] and len(capsys.readouterr().out.splitlines()) >= 1
+    prompts = lines_file(tmp_path / "prompts.jsonl", '{"prompt": "Say hi.", "system": "Answer in French."}',
+                         '{"prompt": "Say bye."}')
+    before, seen[:] = snapshot(tmp_path), []
+    assert cli.main(["generate", str(tiny_llama), "--file", str(prompts), "--system", "Be brief.",
+                     "max_new_tokens=2"]) == 0
+    echoed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert seen == ["Answer in French.", "Be brief."]  # the record's own system wins over --system
+    assert [(e["prompt"], e["system"]) for e in echoed] == [("Say hi.", "Answer in French."), ("Say bye.", "Be brief.")]
+    assert snapshot(tmp_path) == before
+
+
+def test_export_from_a_hugging_face_directory(tmp_path, capsys, tiny_llama):
+    import ml_dtypes
+    import numpy as np
+
+    from jaxsft.models.hf_io import SafetensorsReader
+
+    before = snapshot(tiny_llama)
+    capsys.readouterr()
+    assert cli.main(["export", str(tiny_llama), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip() == f"exported {tmp_path / 'out'}"
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
+    assert all((out / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"))
+    with SafetensorsReader(tiny_llama) as src, SafetensorsReader(out) as dst:
+        assert sorted(src.files) == sorted(dst.files)
+        for name in src.files:
+            want = src.file(name).read(name, ()).astype(ml_dtypes.bfloat16)
+            np.testing.assert_array_equal(dst.file(name).read(name, ()), want)
+    assert snapshot(tiny_llama) == before
