@@ -187,14 +187,6 @@ def run_case(capsys, argv: list[str], case_dir: Path, expected: list[str]) -> st
     return errors[0]
 
 
-@pytest.mark.parametrize("name,setup,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(tmp_path, capsys, tiny_llama, trained, name, setup, expected):
-    run_dir, data = trained
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    run_case(capsys, setup(tmp_path, run, tiny_llama, data), tmp_path, expected)
-
-
 def test_checkpoint_of_another_model(tmp_path, capsys, tiny_llama, tiny_llama_tied, trained):
     run_dir, data = trained
     run = tmp_path / "run"
@@ -292,8 +284,8 @@ MORE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,setup,expected", MORE_CASES, ids=[c[0] for c in MORE_CASES])
-def test_more_bad_input(tmp_path, capsys, tiny_llama, trained, name, setup, expected):
+@pytest.mark.parametrize("name,setup,expected", CASES + MORE_CASES, ids=[c[0] for c in CASES + MORE_CASES])
+def test_bad_input(tmp_path, capsys, tiny_llama, trained, name, setup, expected):
     run_dir, data = trained
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
