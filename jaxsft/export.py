@@ -100,7 +100,7 @@ class Tensor:
     read: Callable[[], np.ndarray]
 
 
-def _natural(name: str) -> list:
+def natural_order(name: str) -> list:
     """Sort key putting `layers.2` before `layers.10`."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -120,7 +120,7 @@ def hf_tensors(arrays: SavedArrays) -> list[Tensor]:
         else:
             tensors.append(Tensor(name, hf_shape(kind, tuple(leaf.shape)),
                                   functools.partial(_read_hf, arrays, leaf, (), kind)))
-    return sorted(tensors, key=lambda t: _natural(t.name))
+    return sorted(tensors, key=lambda t: natural_order(t.name))
 
 
 def is_hf_source(source: str | Path) -> bool:
@@ -135,7 +135,7 @@ def hf_dir_tensors(reader: SafetensorsReader) -> list[Tensor]:
     def read(name: str) -> np.ndarray:
         return reader.file(name).read(name, ())
     return sorted((Tensor(name, reader.file(name).shape(name), functools.partial(read, name)) for name in reader.files),
-                  key=lambda t: _natural(t.name))
+                  key=lambda t: natural_order(t.name))
 
 
 def plan_shards(tensors: list[Tensor], itemsize: int, max_bytes: int) -> list[list[Tensor]]:
@@ -212,11 +212,12 @@ def _write_side_files(out_dir: Path, hf_files: Path, dtype: str, names: tuple[st
         (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-def _partial_dir(out: Path, pid: int) -> Path:
+def partial_dir(out: Path, pid: int) -> Path:
+    """Where a write to `out` by process `pid` is built before its rename (hidden, beside `out`)."""
     return out.parent / f".{out.name}.partial-{pid}"
 
 
-def _remove_dead_partials(out: Path) -> None:
+def remove_dead_partials(out: Path) -> None:
     """Removes the partial directories of exports to `out` whose process is gone (killed, crashed)."""
     for tmp in out.parent.glob(f".{out.name}.partial-*"):
         pid = tmp.name.rsplit("-", 1)[1]
@@ -255,12 +256,12 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shar
             tensors = hf_dir_tensors(reader)
         else:
             tensors = hf_tensors(SavedArrays(Checkpointer(run_dir / "checkpoints", read_only=True).step_dir(step)))
-        _remove_dead_partials(out)
+        remove_dead_partials(out)
         itemsize = _DTYPES[dtype][1].itemsize
         side = sum(f.stat().st_size for f in files.iterdir() if f.is_file() and (names is None or f.name in names))
         check_free_space(out, sum(math.prod(t.shape) * itemsize for t in tensors) + side, "export",
                          "; nothing was written")
-        tmp = _partial_dir(out, os.getpid())
+        tmp = partial_dir(out, os.getpid())
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from jaxsft.errors import JaxsftError, ModelError
 # The export's writer and its partial-directory convention, so both commands write alike.
-from jaxsft.export import Tensor, _natural, _partial_dir, _remove_dead_partials, parse_size, write_weights
+from jaxsft.export import Tensor, natural_order, partial_dir, remove_dead_partials, parse_size, write_weights
 from jaxsft.models.families import SUPPORTED_MODEL_TYPES, args_from_hf_config
 
 DTYPES = ("float32", "bfloat16")
@@ -106,7 +106,7 @@ def _tensors(model) -> list[Tensor]:
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     return [Tensor(k, tuple(v.shape), lambda v=v: v.detach().to(torch.float32).numpy())
-            for k, v in sorted(state.items(), key=lambda kv: _natural(kv[0]))]
+            for k, v in sorted(state.items(), key=lambda kv: natural_order(kv[0]))]
 
 
 def _load(path: Path, dtype: str):
@@ -138,8 +138,8 @@ def import_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32") 
     model, tokenizer = _load(path, dtype)
     hf_config = _hf_config(model, dtype)
     check_trainable(path, architecture, hf_config)
-    _remove_dead_partials(out)
-    tmp = _partial_dir(out, os.getpid())
+    remove_dead_partials(out)
+    tmp = partial_dir(out, os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
