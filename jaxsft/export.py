@@ -23,6 +23,7 @@ export never leaves a directory that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -231,6 +232,31 @@ def remove_dead_partials(out: Path) -> None:
             pass
 
 
+def check_new_output(out: Path, command: str) -> None:
+    """Refuses an output directory that exists and is not empty (nothing is ever written into one)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise JaxsftError(f"{command} output {out} already exists and is not empty; choose a new directory")
+
+
+@contextlib.contextmanager
+def building(out: Path, command: str):
+    """A fresh partial directory beside `out` to write into, renamed to `out` when the block ends
+    (atomic; an empty `out` is replaced) and removed if it raises: a full disk is then one line
+    naming `out`. Partial directories of dead processes are removed first."""
+    remove_dead_partials(out)
+    tmp = partial_dir(out, os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and is_disk_full(e):  # a buffered write names no file: name the output
+            raise disk_full(out, command, after="; nothing was written") from None
+        raise
+
+
 def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shard_size: str | int = "5GB") -> Path:
     """Writes the Hugging Face directory `out` from a run directory (its newest checkpoint), one
     checkpoint directory, or a Hugging Face directory (copied in `dtype`: its safetensors weights,
@@ -240,8 +266,7 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shar
     if dtype not in _DTYPES:
         raise JaxsftError(f"export dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise JaxsftError(f"export output {out} already exists and is not empty; choose a new directory")
+    check_new_output(out, "export")
     reader, names = None, None
     if is_hf_source(source):
         from jaxsft.train import HF_SIDE_FILES
@@ -256,26 +281,14 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shar
             tensors = hf_dir_tensors(reader)
         else:
             tensors = hf_tensors(SavedArrays(Checkpointer(run_dir / "checkpoints", read_only=True).step_dir(step)))
-        remove_dead_partials(out)
         itemsize = _DTYPES[dtype][1].itemsize
         side = sum(f.stat().st_size for f in files.iterdir() if f.is_file() and (names is None or f.name in names))
-        check_free_space(out, sum(math.prod(t.shape) * itemsize for t in tensors) + side, "export",
-                         "; nothing was written")
-        tmp = partial_dir(out, os.getpid())
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         try:
-            write_weights(tmp, tensors, dtype, max_bytes)
-            _write_side_files(tmp, files, dtype, names)
-            os.replace(tmp, out)  # atomic; an empty `out` directory is replaced
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if is_disk_full(e):  # a buffered write names no file: name the output
-                raise disk_full(out, "export", after="; nothing was written") from None
-            raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with building(out, "export") as tmp:
+                check_free_space(out, sum(math.prod(t.shape) * itemsize for t in tensors) + side, "export",
+                                 "; nothing was written")
+                write_weights(tmp, tensors, dtype, max_bytes)
+                _write_side_files(tmp, files, dtype, names)
         finally:
             if reader is not None:
                 reader.close()

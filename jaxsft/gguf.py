@@ -20,13 +20,11 @@ at the very end; an error removes it, so a truncated or unsupported file leaves 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from jaxsft.errors import JaxsftError, ModelError
 # The export's writer and its partial-directory convention, so both commands write alike.
-from jaxsft.export import Tensor, natural_order, partial_dir, remove_dead_partials, parse_size, write_weights
+from jaxsft.export import Tensor, building, check_new_output, natural_order, parse_size, write_weights
 from jaxsft.models.families import SUPPORTED_MODEL_TYPES, args_from_hf_config
 
 DTYPES = ("float32", "bfloat16")
@@ -131,24 +129,15 @@ def import_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32") 
         raise JaxsftError(f"import-gguf dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not path.is_file():
         raise ModelError(f"GGUF file not found: {path}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise JaxsftError(f"import-gguf output {out} already exists and is not empty; choose a new directory")
+    check_new_output(out, "import-gguf")
     architecture, config = read_gguf_metadata(path)
     check_model_type(path, architecture, config)  # before the slow part, dequantizing
     model, tokenizer = _load(path, dtype)
     hf_config = _hf_config(model, dtype)
     check_trainable(path, architecture, hf_config)
-    remove_dead_partials(out)
-    tmp = partial_dir(out, os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building(out, "import-gguf") as tmp:
         write_weights(tmp, _tensors(model), dtype, parse_size("5GB"))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
         model.generation_config.save_pretrained(str(tmp))
-        os.replace(tmp, out)  # atomic; an empty `out` directory is replaced
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
