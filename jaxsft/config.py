@@ -35,6 +35,28 @@ class ModelConfig:
     attention: Literal["auto", "reference", "blocked", "splash", "gpu"] = "auto"
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA / QLoRA (off unless `rank` > 0): low-rank adapters `W + B A * alpha/rank` on the chosen
+    projections are the only trained parameters; the base stays frozen (and, with `base_quant`,
+    quantized), is never saved, and is read from `model.path` again on resume."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input (training only)
+    targets: tuple[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ...] = (
+        LORA_TARGETS)
+    base_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # how the frozen base is held
+    # QLoRA: the frozen projections stored quantized (per-block scales, qwix), dequantized in the
+    # compute dtype inside each matmul
+    base_quant: Literal["none", "int8", "nf4"] = "none"
+    quant_block: int = 64  # input-dimension elements per quantization scale
+    init_from: str = ""  # a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start from
+
+
 @dataclasses.dataclass(frozen=True)
 class FieldsConfig:
     """Which record field holds what, for datasets that name them differently.
@@ -100,6 +122,10 @@ class TrainConfig:
     # A non-finite loss or gradient norm: stop the run (no checkpoint of it is written), or skip that
     # step's update (parameters and optimizer state stay as they were; the data moves on).
     nonfinite: Literal["stop", "skip"] = "stop"
+    # Every this many steps (and at the last), also generate for the first `eval_generate_prompts`
+    # held-out prompts and log the `eval.metrics` (exact match, JSON validity, ...); 0: never.
+    eval_generate_every: int = 0
+    eval_generate_prompts: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +213,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()
+    lora: LoraConfig = LoraConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
@@ -342,6 +369,23 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'mesh.{axis}' must be a positive size or -1, got {v}")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of 'mesh.data', 'mesh.fsdp', 'mesh.tensor' may be -1")
+    if cfg.train.eval_generate_every < 0 or cfg.train.eval_generate_prompts <= 0:
+        raise ConfigError("config keys 'train.eval_generate_every' must be >= 0 and 'train.eval_generate_prompts' "
+                          f"positive, got {cfg.train.eval_generate_every} and {cfg.train.eval_generate_prompts}")
+    lora = cfg.lora
+    if lora.rank < 0:
+        raise ConfigError(f"config key 'lora.rank' must be >= 0 (0: no LoRA), got {lora.rank}")
+    if lora.rank and not lora.targets:
+        raise ConfigError("config key 'lora.targets' is empty: name the projections to adapt")
+    if len(set(lora.targets)) != len(lora.targets):
+        raise ConfigError(f"config key 'lora.targets' names a projection twice: {list(lora.targets)}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lora.dropout}")
+    if lora.alpha <= 0 or lora.quant_block <= 0:
+        raise ConfigError(f"config keys 'lora.alpha' and 'lora.quant_block' must be positive, got {lora.alpha} "
+                          f"and {lora.quant_block}")
+    if not lora.rank and (lora.base_quant != "none" or lora.init_from):
+        raise ConfigError("config keys 'lora.base_quant' and 'lora.init_from' need LoRA: set 'lora.rank' > 0")
     validate_eval(cfg.eval)
 
 

@@ -9,6 +9,7 @@ Peaks come from datasheets for accelerators and from a measured matmul on the CP
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -72,15 +73,25 @@ def peak_flops(devices: list[jax.Device], compute_dtype: str, per_device_tflops:
     return None if one is None else one * len(devices)
 
 
-def train_flops_per_position(params: Any, args: Any, seq_len: int) -> float:
+def _matmul_params(params: Any, names: tuple[str, ...]) -> int:
+    """Elements of the leaves named `names` (QArrays, QLoRA's frozen kernels, count their values)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: hasattr(x, "qvalue"))
+    return sum(math.prod(leaf.shape) for path, leaf in leaves if getattr(path[-1], "key", None) in names)
+
+
+def train_flops_per_position(params: Any, args: Any, seq_len: int, frozen: Any = None) -> float:
     """Training FLOPs per sequence position: `6 N_matmul + 12 L H T` (see the module docstring).
 
     `params` is the model's pure-dict parameter tree; N_matmul counts every projection kernel
-    (stacked layers included) and the output head (the embedding table when tied).
+    (stacked layers included) and the output head (the embedding table when tied). With LoRA,
+    `params` are the adapters and `frozen` the base: the base's kernels cost `4 N` (the forward
+    pass and the input gradients; no weight gradients), the adapters `6 N`.
     """
-    matmul = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-                 if getattr(path[-1], "key", None) == "kernel")
+    base = params if frozen is None else frozen
+    matmul = _matmul_params(base, ("kernel",))
     if args.tie_word_embeddings:
         matmul += args.vocab_size * args.hidden_size
     attention = 12 * args.num_layers * args.num_heads * args.head_dim * seq_len
-    return 6.0 * matmul + attention
+    if frozen is None:
+        return 6.0 * matmul + attention
+    return 4.0 * matmul + 6.0 * _matmul_params(params, ("lora_a", "lora_b")) + attention

@@ -45,6 +45,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "head_embed": ("fsdp",),
     "head_vocab": ("fsdp", "tensor"),
     "loss_batch": ("data",),
+    "lora_rank": None,  # LoRA adapters (jaxsft.lora): split like the weights they adapt, never along the rank
 }
 # Dimensions of these logical axes take their mesh axes before the other dimensions of an array.
 FIRST = ("head_vocab",)

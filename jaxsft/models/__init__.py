@@ -49,10 +49,11 @@ def abstract_model(args: ModelArgs) -> CausalLM:
 
 def from_pretrained(hf_dir: str | Path, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
                     remat: str = "none", scan_layers: bool = True,
-                    mesh: jax.sharding.Mesh | None = None) -> CausalLM:
+                    mesh: jax.sharding.Mesh | None = None, transform=None) -> CausalLM:
     """Builds the model for a Hugging Face directory and loads its safetensors weights.
 
-    With `mesh`, each parameter is placed sharded by its logical axes as it is read.
+    With `mesh`, each parameter is placed sharded by its logical axes as it is read; `transform`
+    (see `hf_io.load_params`) replaces each as it is loaded.
     """
     hf_dir = Path(hf_dir)
     dtype = DTYPES.get(dtype, dtype)
@@ -71,5 +72,5 @@ def from_pretrained(hf_dir: str | Path, dtype: Any = jnp.float32, *, compute_dty
         flat = {tuple(str(getattr(k, "key", k)) for k in p): s
                 for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
         sharding_of = lambda key, leaf: flat[key]  # noqa: E731
-    params = load_params(hf_dir, nnx.to_pure_dict(abstract_state), args.num_layers, sharding_of)
+    params = load_params(hf_dir, nnx.to_pure_dict(abstract_state), args.num_layers, sharding_of, transform)
     return nnx.merge(graphdef, params)

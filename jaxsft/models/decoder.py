@@ -77,6 +77,11 @@ class ModelArgs:
     compute_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots
     scan_layers: bool = True  # one lax.scan over the layers; False: unrolled (see config.ModelConfig)
+    # LoRA (jaxsft.lora): adapters of this rank on the `lora_targets` projections; 0: none
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
 
 class KVCache(NamedTuple):
@@ -119,23 +124,77 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
 
 
 class Linear(nnx.Module):
-    """`y = einsum(spec, x, kernel) (+ bias)`; the kernel shape is written out by the caller."""
+    """`y = einsum(spec, x, kernel) (+ bias)`; the kernel shape is written out by the caller.
+
+    With `lora_rank` > 0 it also holds LoRA adapters (`jaxsft.lora`): `lora_a` `[in..., r]` and
+    `lora_b` `[r, out...]` (zero at init), and `y` gains `scale * dropout(x) A B`. The kernel may
+    be a qwix QArray (QLoRA's frozen base), dequantized by `weight`.
+    """
 
     def __init__(self, spec: str, shape: tuple[int, ...], axes: tuple[str, ...], *, bias: bool = False,
-                 dtype, rngs: nnx.Rngs):
+                 dtype, rngs: nnx.Rngs, lora_rank: int = 0, lora_scale: float = 1.0, lora_dropout: float = 0.0):
         self.spec = spec
         self.kernel = _param(rngs, shape, axes, dtype)
         # The bias has the kernel's output dims (after its leading `layers` dim, when stacked).
         inputs, output = spec.split("->")
-        kernel_spec = inputs.split(",")[1]
+        x_spec, kernel_spec = inputs.split(",")
         lead = len(shape) - len(kernel_spec)
         keep = list(range(lead)) + [lead + i for i, c in enumerate(kernel_spec) if c in output]
         self.bias = _param(rngs, tuple(shape[i] for i in keep), tuple(axes[i] for i in keep), dtype,
                            "zeros") if bias else None
+        lora_a = lora_b = None
+        if lora_rank:  # R: the rank; A contracts the kernel's input letters, B makes its output letters
+            ins = [i for i, c in enumerate(kernel_spec) if c not in output]
+            outs = [i for i, c in enumerate(kernel_spec) if c in output]
+            rows = "".join(c for c in x_spec if c not in kernel_spec)
+            self.lora_specs = (f"{x_spec},{''.join(kernel_spec[i] for i in ins)}R->{rows}R",
+                               f"{rows}R,R{''.join(kernel_spec[i] for i in outs)}->{output}")
+            a_dims, b_dims = list(range(lead)) + [lead + i for i in ins], [lead + i for i in outs]
+            lora_a = nnx.Param(jnp.zeros(tuple(shape[i] for i in a_dims) + (lora_rank,), jnp.float32),
+                               axes=tuple(axes[i] for i in a_dims) + ("lora_rank",))
+            lora_b = nnx.Param(jnp.zeros(tuple(shape[i] for i in range(lead)) + (lora_rank,)
+                                         + tuple(shape[i] for i in b_dims), jnp.float32),
+                               axes=tuple(axes[i] for i in range(lead)) + ("lora_rank",) + tuple(axes[i] for i in b_dims))
+        self.lora_a, self.lora_b = lora_a, lora_b
+        self.lora_scale, self.lora_dropout = lora_scale, lora_dropout
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.spec, x, self.kernel[...].astype(x.dtype))
+    def weight(self, dtype) -> jax.Array:
+        """The kernel in `dtype` (dequantized when the frozen base is quantized)."""
+        value = self.kernel.get_value()
+        return value.astype(dtype) if isinstance(value, jax.Array) else _dequantize(value, dtype)
+
+    def delta(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """The adapters' output `scale * dropout(x) A B` (dropout only with a `key`)."""
+        if key is not None and self.lora_dropout > 0:
+            keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+        a_spec, b_spec = self.lora_specs
+        xa = jnp.einsum(a_spec, x, self.lora_a[...].astype(x.dtype))
+        return jnp.einsum(b_spec, xa * jnp.asarray(self.lora_scale, x.dtype), self.lora_b[...].astype(x.dtype))
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        y = jnp.einsum(self.spec, x, self.weight(x.dtype))
+        if self.lora_a is not None:
+            y = y + self.delta(x, key)
         return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
+
+
+def _dequantize(value, dtype) -> jax.Array:
+    from jaxsft.lora import dequantize
+
+    return dequantize(value, dtype)
+
+
+def _lora(args: "ModelArgs", name: str) -> dict:
+    """The `Linear` LoRA arguments of projection `name` (none unless it is a target)."""
+    if not args.lora_rank or name not in args.lora_targets:
+        return {}
+    return {"lora_rank": args.lora_rank, "lora_scale": args.lora_alpha / args.lora_rank,
+            "lora_dropout": args.lora_dropout}
+
+
+def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 class RMSNorm(nnx.Module):
@@ -189,13 +248,13 @@ class Attention(nnx.Module):
     def __init__(self, args: ModelArgs, lead: tuple[int, ...], lead_axes: tuple[str, ...], *, rngs: nnx.Rngs):
         d, n, k, h, dt = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, args.param_dtype
         self.q_proj = Linear("BTD,DNH->BTNH", lead + (d, n, h), lead_axes + ("embed", "heads", "head_dim"),
-                             bias=args.qkv_bias, dtype=dt, rngs=rngs)
+                             bias=args.qkv_bias, dtype=dt, rngs=rngs, **_lora(args, "q_proj"))
         self.k_proj = Linear("BTD,DKH->BTKH", lead + (d, k, h), lead_axes + ("embed", "kv_heads", "head_dim"),
-                             bias=args.qkv_bias, dtype=dt, rngs=rngs)
+                             bias=args.qkv_bias, dtype=dt, rngs=rngs, **_lora(args, "k_proj"))
         self.v_proj = Linear("BTD,DKH->BTKH", lead + (d, k, h), lead_axes + ("embed", "kv_heads", "head_dim"),
-                             bias=args.qkv_bias, dtype=dt, rngs=rngs)
+                             bias=args.qkv_bias, dtype=dt, rngs=rngs, **_lora(args, "v_proj"))
         self.o_proj = Linear("BTNH,NHD->BTD", lead + (n, h, d), lead_axes + ("heads", "head_dim", "embed"),
-                             bias=args.o_bias, dtype=dt, rngs=rngs)
+                             bias=args.o_bias, dtype=dt, rngs=rngs, **_lora(args, "o_proj"))
         if args.qk_norm:
             self.q_norm = RMSNorm(lead + (h,), lead_axes + ("norm",), args, rngs=rngs)
             self.k_norm = RMSNorm(lead + (h,), lead_axes + ("norm",), args, rngs=rngs)
@@ -203,26 +262,29 @@ class Attention(nnx.Module):
         self.eps, self.norm_offset = args.rms_norm_eps, args.norm_offset
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, specs: tuple, kind: jax.Array | int = 0,
-                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, key: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """`(output [B, T, D], (k, v))`: this call's keys and values `[B, T, K, H]` come back for a
         KV cache. `specs`: one `AttentionSpec` per kind of layer (distinct windows), `kind` this
         layer's. With `cache=(k [B,S,K,H], v, index)` the keys are the cache slots with this call's
-        T tokens written at `index`."""
+        T tokens written at `index`. `key`: the LoRA dropout's (training only)."""
         dtype = x.dtype
         extras = {}
         if self.q_proj.bias is not None:
             extras.update(bq=self.q_proj.bias[...], bk=self.k_proj.bias[...], bv=self.v_proj.bias[...])
         if self.qk_norm:
             extras.update(q_norm=self.q_norm.weight[...], k_norm=self.k_norm.weight[...])
-        q, k, v = fused.qkv_rope(x, *(p.kernel[...].astype(dtype) for p in (self.q_proj, self.k_proj, self.v_proj)),
+        for i, (name, p) in enumerate((("lq", self.q_proj), ("lk", self.k_proj), ("lv", self.v_proj))):
+            if p.lora_a is not None:  # the adapters' output joins the projection inside the fused block
+                extras[name] = p.delta(x, _fold(key, i))
+        q, k, v = fused.qkv_rope(x, *(p.weight(dtype) for p in (self.q_proj, self.k_proj, self.v_proj)),
                                  cos, sin, extras, self.eps, self.norm_offset)
         new = (k, v)
         if cache is not None:
             k_cache, v_cache, index = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-        return self.o_proj(attention.attend_layer(q, k, v, specs, kind)), new
+        return self.o_proj(attention.attend_layer(q, k, v, specs, kind), _fold(key, 3)), new
 
 
 class MLP(nnx.Module):
@@ -230,17 +292,27 @@ class MLP(nnx.Module):
 
     def __init__(self, args: ModelArgs, lead: tuple[int, ...], lead_axes: tuple[str, ...], *, rngs: nnx.Rngs):
         d, f, dt, b = args.hidden_size, args.intermediate_size, args.param_dtype, args.mlp_bias
-        self.gate_proj = Linear("BTD,DF->BTF", lead + (d, f), lead_axes + ("embed", "mlp"), bias=b, dtype=dt, rngs=rngs)
-        self.up_proj = Linear("BTD,DF->BTF", lead + (d, f), lead_axes + ("embed", "mlp"), bias=b, dtype=dt, rngs=rngs)
-        self.down_proj = Linear("BTF,FD->BTD", lead + (f, d), lead_axes + ("mlp", "embed"), bias=b, dtype=dt, rngs=rngs)
+        self.gate_proj = Linear("BTD,DF->BTF", lead + (d, f), lead_axes + ("embed", "mlp"), bias=b, dtype=dt,
+                                rngs=rngs, **_lora(args, "gate_proj"))
+        self.up_proj = Linear("BTD,DF->BTF", lead + (d, f), lead_axes + ("embed", "mlp"), bias=b, dtype=dt,
+                              rngs=rngs, **_lora(args, "up_proj"))
+        self.down_proj = Linear("BTF,FD->BTD", lead + (f, d), lead_axes + ("mlp", "embed"), bias=b, dtype=dt,
+                                rngs=rngs, **_lora(args, "down_proj"))
         self.activation = args.activation
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         act = _ACTIVATIONS[self.activation]
-        if self.gate_proj.bias is None:  # the common case: one block with a hand-written backward pass
-            return fused.gated_mlp(x, *(p.kernel[...].astype(x.dtype) for p in (self.gate_proj, self.up_proj,
-                                                                                self.down_proj)), act)
-        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if gate.bias is not None:
+            return down(act(gate(x, _fold(key, 4))) * up(x, _fold(key, 5)), _fold(key, 6))
+        # The common case: one block with a hand-written backward pass; adapters' outputs join it.
+        weights = tuple(p.weight(x.dtype) for p in (gate, up, down))
+        if gate.lora_a is None and up.lora_a is None and down.lora_a is None:
+            return fused.gated_mlp(x, *weights, act)
+        extras = {name: p.delta(x, _fold(key, i)) for i, (name, p) in enumerate((("lg", gate), ("lu", up)), 4)
+                  if p.lora_a is not None}
+        y, h = fused.gated_mlp_lora(x, *weights, extras, act)
+        return y + down.delta(h, _fold(key, 6)) if down.lora_a is not None else y
 
 
 class DecoderLayer(nnx.Module):
@@ -263,15 +335,16 @@ class DecoderLayer(nnx.Module):
         self.sandwich = args.sandwich_norms
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, specs: tuple, kind: jax.Array | int = 0,
-                 cache=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """`(output [B, T, D], (k, v))` with this call's keys and values (see `Attention`)."""
-        attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, specs, kind, cache)
+                 cache=None, key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`(output [B, T, D], (k, v))` with this call's keys and values (see `Attention`); `key`:
+        this layer's LoRA dropout key (training only)."""
+        attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, specs, kind, cache, key)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
-            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), key))
         else:
             x = x + attn
-            x = x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self.mlp(self.post_attention_layernorm(x), key)
         return constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
@@ -323,7 +396,7 @@ class DecoderModel(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, max_segment_len: int = 0,
-                 attention_backend: str = "reference") -> jax.Array:
+                 attention_backend: str = "reference", dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states `[B, T, D]` of packed rows: a token sees the earlier tokens of its
         segment (training, eval, scoring).
 
@@ -331,6 +404,7 @@ class DecoderModel(nnx.Module):
         most that many tokens whose positions count up by one (packed rows): then no token sees a
         key that many tokens back, and attention may skip those keys (the padding rows' outputs,
         trained on by nothing, may differ). `attention_backend`: see `jaxsft.models.attention`.
+        `dropout_key` (training only): the LoRA dropout's, split over the layers.
         """
         args = self.args
         x = self._embed(tokens)
@@ -338,21 +412,24 @@ class DecoderModel(nnx.Module):
         specs, kinds, inv_freq = self._layer_plan(base)
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(h, layer_state, layer_inv_freq, kind):
+        keys = None if dropout_key is None else jax.random.split(dropout_key, args.num_layers)
+
+        def body(h, layer_state, layer_inv_freq, kind, key):
             layer = nnx.merge(graphdef, layer_state)
-            return layer(h, *_rope_cos_sin(positions, layer_inv_freq), specs, kind)[0]
+            return layer(h, *_rope_cos_sin(positions, layer_inv_freq), specs, kind, key=key)[0]
 
         if args.scan_layers:  # each layer's kind is scanned with its weights; attend_layer switches on it
             step = lambda h, xs: (body(h, *xs), None)  # noqa: E731
             if args.remat != "none":
                 step = jax.checkpoint(step, policy=_REMAT_POLICIES[args.remat], prevent_cse=False)
-            x, _ = jax.lax.scan(step, x, (stacked, inv_freq, jnp.asarray(kinds, jnp.int32)))
+            x, _ = jax.lax.scan(step, x, (stacked, inv_freq, jnp.asarray(kinds, jnp.int32), keys))
         else:  # the same stacked weights, layer i sliced out: checkpoints and shardings do not change
             if args.remat != "none":
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[args.remat], prevent_cse=False,
                                       static_argnums=(3,))
             for i in range(args.num_layers):
-                x = body(x, jax.tree.map(lambda a, i=i: a[i], stacked), inv_freq[i], kinds[i])
+                x = body(x, jax.tree.map(lambda a, i=i: a[i], stacked), inv_freq[i], kinds[i],
+                         None if keys is None else keys[i])
         return self.norm(x)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
@@ -367,21 +444,18 @@ class DecoderModel(nnx.Module):
                                                                        **self._static("reference")))
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(carry, xs):
-            # The whole cache is carried (not scanned): each layer writes only its T new slots, in place.
-            h, k_all, v_all = carry
-            layer_state, layer_inv_freq, kind, i = xs
+        def body(h, xs):
+            # Each layer's cache is scanned in and out (not the whole cache carried): XLA on the CPU
+            # copied the carried [L, ...] cache at every layer, 6-7x slower steps at 20 rows.
+            layer_state, layer_inv_freq, kind, k_layer, v_layer = xs
             layer = nnx.merge(graphdef, layer_state)
             h, (k, v) = layer(h, *_rope_cos_sin(positions, layer_inv_freq), specs, kind,
-                              cache=(k_all[i], v_all[i], cache.index))
-            at = (i, 0, cache.index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-            return (h, k_all, v_all), None
+                              cache=(k_layer, v_layer, cache.index))
+            k_layer = jax.lax.dynamic_update_slice_in_dim(k_layer, k.astype(k_layer.dtype), cache.index, axis=1)
+            v_layer = jax.lax.dynamic_update_slice_in_dim(v_layer, v.astype(v_layer.dtype), cache.index, axis=1)
+            return h, (k_layer, v_layer)
 
-        layer_ids = jnp.arange(self.args.num_layers, dtype=jnp.int32)
-        (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v),
-                                            (stacked, inv_freq, jnp.asarray(kinds, jnp.int32), layer_ids))
+        x, (k_all, v_all) = jax.lax.scan(body, x, (stacked, inv_freq, jnp.asarray(kinds, jnp.int32), cache.k, cache.v))
         return self.norm(x), KVCache(k_all, v_all, key_positions, cache.index + tokens.shape[1])
 
 
@@ -404,17 +478,17 @@ class CausalLM(nnx.Module):
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
                       segment_ids: jax.Array | None = None, max_segment_len: int = 0,
-                      attention_backend: str | None = None) -> jax.Array:
+                      attention_backend: str | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states `[B, T, D]` (the loss applies the head itself, in chunks); see
         `DecoderModel` for `max_segment_len`. `attention_backend` (None: `auto` for the default
-        device's platform): see `jaxsft.models.attention`."""
+        device's platform): see `jaxsft.models.attention`. `dropout_key`: LoRA dropout (training)."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         backend = attention_backend or attention.resolve("auto", jax.default_backend())
-        return self.model(tokens, positions, segment_ids, max_segment_len, backend)
+        return self.model(tokens, positions, segment_ids, max_segment_len, backend, dropout_key)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
                cache: KVCache) -> tuple[jax.Array, KVCache]:

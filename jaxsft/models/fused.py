@@ -47,22 +47,59 @@ def _gated_mlp_fwd(x, w_gate, w_up, w_down, act):
     return jnp.einsum("BTF,FD->BTD", act(g) * u, w_down), (x, g, u, w_gate, w_up, w_down)
 
 
-def _gated_mlp_bwd(act, residuals, dy):
-    x, g, u, w_gate, w_up, w_down = residuals
+def _gated_mlp_grads(act, x, g, u, w_gate, w_up, w_down, dy, dh_extra=None):
+    """`(dx, dw_gate, dw_up, dw_down, dg, du)` of the gated MLP, given the output's cotangent `dy`
+    (and, with LoRA on down_proj, `dh_extra`: the cotangent reaching `h = act(g) * u` directly)."""
     a, act_vjp = jax.vjp(act, g)  # elementwise: recomputing act(g) is cheaper than keeping it
     h = a * u
     dh = jnp.einsum("BTD,FD->BTF", dy, w_down)
+    if dh_extra is not None:
+        dh = dh + dh_extra.astype(dh.dtype)
     du = dh * a
     (dg,) = act_vjp(dh * u)
     dx = jnp.einsum("BTF,DF->BTD", dg, w_gate) + jnp.einsum("BTF,DF->BTD", du, w_up)
     # Each weight gradient contracts over B*T; the narrow operand (x or dy, width D) comes first,
     # since XLA's CPU backend transposes the first operand of such a product into a copy, and a
-    # copy of the wide `[B, T, F]` one cost more than the matmul itself.
+    # copy of the wide `[B, T, F]` one cost more than the matmul itself. (Where the weights are
+    # frozen, LoRA's case, nothing reads these three and XLA drops them.)
     return (dx, jnp.einsum("BTD,BTF->DF", x, dg), jnp.einsum("BTD,BTF->DF", x, du),
-            jnp.einsum("BTD,BTF->DF", dy, h).T)
+            jnp.einsum("BTD,BTF->DF", dy, h).T, dg, du)
+
+
+def _gated_mlp_bwd(act, residuals, dy):
+    return _gated_mlp_grads(act, *residuals, dy)[:4]
 
 
 gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gated_mlp_lora(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, extras: dict,
+                   act: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """`(down(h), h)` with `h = act(x @ w_gate + lg) * (x @ w_up + lu)`: the gated MLP with LoRA
+    adapters' outputs `extras["lg"]`, `extras["lu"]` `[B, T, F]` (each optional) added to the gate
+    and up projections, and `h` returned for the down projection's adapter."""
+    return _gated_mlp_lora_fwd(x, w_gate, w_up, w_down, extras, act)[0]
+
+
+def _gated_mlp_lora_fwd(x, w_gate, w_up, w_down, extras, act):
+    g = jnp.einsum("BTD,DF->BTF", x, w_gate)
+    u = jnp.einsum("BTD,DF->BTF", x, w_up)
+    g = g + extras["lg"] if "lg" in extras else g
+    u = u + extras["lu"] if "lu" in extras else u
+    h = act(g) * u
+    # The adapters' outputs are not kept: only their names (None leaves), for the cotangents' structure.
+    return (jnp.einsum("BTF,FD->BTD", h, w_down), h), (x, g, u, w_gate, w_up, w_down, dict.fromkeys(extras))
+
+
+def _gated_mlp_lora_bwd(act, residuals, cts):
+    *rest, names = residuals
+    x_dtype = rest[0].dtype
+    dx, dwg, dwu, dwd, dg, du = _gated_mlp_grads(act, *rest, *cts)
+    return dx, dwg, dwu, dwd, {name: {"lg": dg, "lu": du}[name].astype(x_dtype) for name in names}
+
+
+gated_mlp_lora.defvjp(_gated_mlp_lora_fwd, _gated_mlp_lora_bwd)
 
 
 # --------------------------------------------------------------------------- attention
@@ -195,6 +232,9 @@ attention_t.defvjp(_attention_fwd, _attention_bwd)
 # Qwen3, Gemma 3) go through the same block, so every family takes this one path.
 
 
+_LORA_EXTRAS = ("lq", "lk", "lv")
+
+
 def rope(x, cos, sin):
     """`x cos + rotate_half(x) sin` (Hugging Face's half-split RoPE), cos and sin broadcast to x."""
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -230,7 +270,8 @@ def qkv_rope(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, cos: jax
     x: [B, T, D]; wq: [D, N, H]; wk, wv: [D, K, H]; cos, sin: [B, T, H] (float32). `extras` holds
     what a family adds (each optional): biases `bq` [N, H], `bk`, `bv` [K, H], and the RMSNorm
     weights `q_norm`, `k_norm` [H] applied over H before RoPE (with `eps` and `offset`, 1 for
-    Gemma's `1 + weight`). Returns q [B, T, N, H], k, v [B, T, K, H] in x's dtype.
+    Gemma's `1 + weight`), and LoRA adapters' outputs `lq` [B, T, N, H], `lk`, `lv` [B, T, K, H]
+    added to the raw projections. Returns q [B, T, N, H], k, v [B, T, K, H] in x's dtype.
     """
     return _qkv_rope_fwd(x, wq, wk, wv, cos, sin, extras, eps, offset)[0]
 
@@ -239,14 +280,22 @@ def _qkv_rope_fwd(x, wq, wk, wv, cos, sin, extras, eps, offset):
     c, s = (a[:, :, None, :].astype(x.dtype) for a in (cos, sin))
     raw_q = jnp.einsum("BTD,DNH->BTNH", x, wq)
     raw_k = jnp.einsum("BTD,DKH->BTKH", x, wk)
+    if "lq" in extras:  # LoRA adapters' outputs join the projections before biases, norms and RoPE
+        raw_q = raw_q + extras["lq"]
+    if "lk" in extras:
+        raw_k = raw_k + extras["lk"]
     q = rope(_pre_rope(raw_q, extras.get("bq"), extras.get("q_norm"), eps, offset).astype(x.dtype), c, s)
     k = rope(_pre_rope(raw_k, extras.get("bk"), extras.get("k_norm"), eps, offset).astype(x.dtype), c, s)
     v = jnp.einsum("BTD,DKH->BTKH", x, wv)
+    if "lv" in extras:
+        v = v + extras["lv"]
     if "bv" in extras:
         v = v + extras["bv"].astype(x.dtype)
     # The raw projections are kept only where a norm's backward needs them (RoPE and biases are affine).
     raws = (raw_q if "q_norm" in extras else None, raw_k if "k_norm" in extras else None)
-    return (q, k, v), (x, wq, wk, wv, cos, sin, extras, raws)
+    # LoRA outputs are not kept (None leaves keep their names): their cotangents need no residual.
+    kept = {key: (None if key in _LORA_EXTRAS else value) for key, value in extras.items()}
+    return (q, k, v), (x, wq, wk, wv, cos, sin, kept, raws)
 
 
 def _pre_rope_bwd(d, raw, bias, norm, eps, offset):
@@ -273,9 +322,9 @@ def _qkv_rope_bwd(eps, offset, residuals, cts):
     dx = jnp.einsum("MC,DC->MD", rows, w).reshape(b, t, d)
     dw = jnp.einsum("MD,MC->DC", x.reshape(b * t, d), rows)
     nq, nk = wq.size // d, wk.size // d
-    found = {"bq": d_bq, "bk": d_bk, "q_norm": d_qn, "k_norm": d_kn,
+    found = {"bq": d_bq, "bk": d_bk, "q_norm": d_qn, "k_norm": d_kn, "lq": dq, "lk": dk, "lv": dv,
              "bv": dv.astype(jnp.float32).sum(axis=(0, 1)) if "bv" in extras else None}
-    d_extras = {key: found[key].astype(value.dtype) for key, value in extras.items()}
+    d_extras = {key: found[key].astype(x.dtype if value is None else value.dtype) for key, value in extras.items()}
     return (dx, dw[:, :nq].reshape(wq.shape), dw[:, nq:nq + nk].reshape(wk.shape), dw[:, nq + nk:].reshape(wv.shape),
             None, None, d_extras)
 

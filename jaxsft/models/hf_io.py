@@ -243,10 +243,13 @@ def put_sharded(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
 
 
 def load_params(hf_dir: Path, abstract: Any, num_layers: int,
-                sharding_of: Callable[[tuple[str, ...], Any], Any] | None = None) -> Any:
+                sharding_of: Callable[[tuple[str, ...], Any], Any] | None = None,
+                transform: Callable[[tuple[str, ...], Any], Any] | None = None) -> Any:
     """Fills a pure-dict tree of `ShapeDtypeStruct`s from safetensors, one parameter at a time.
 
-    `sharding_of(path, abstract_leaf)` gives where each parameter lives (None: this process's first device).
+    `sharding_of(path, abstract_leaf)` gives where each parameter lives (None: this process's first
+    device); `transform(path, array)`, applied to each parameter as soon as it is loaded (QLoRA's
+    quantization), replaces it, so the whole tree never exists untransformed.
     """
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with SafetensorsReader(hf_dir) as reader:
@@ -275,7 +278,8 @@ def load_params(hf_dir: Path, abstract: Any, num_layers: int,
                 return out
 
             sharding = (sharding_of(key, leaf) if sharding_of else None) or default
-            return put_sharded(leaf.shape, sharding, read)
+            array = put_sharded(leaf.shape, sharding, read)
+            return transform(key, array) if transform is not None else array
 
         return jax.tree_util.tree_map_with_path(load, abstract)
 
