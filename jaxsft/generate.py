@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxsft import parallel
 from jaxsft.config import GenerateConfig
@@ -113,8 +114,9 @@ def _decoder(graphdef: nnx.GraphDef, max_new: int, sampling: tuple, stop_ids: tu
 def decode(model: CausalLM, prompts: Sequence[Sequence[int]], cfg: GenerateConfig = GenerateConfig(), *,
            stop_ids: Sequence[int] = (), pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
            padding: str = "left") -> list[list[int]]:
-    """New token ids for each prompt (token ids), in `cfg.batch_size` batches (rounded up to a
-    multiple of the mesh's data-parallel size), each ending with its stop token when it produced one.
+    """New token ids for each prompt (token ids), in batches of `cfg.batch_size` rows (at most the
+    prompt count; rounded up to a multiple of the mesh's data-parallel size), each ending with its
+    stop token when it produced one. On a mesh every process passes the same prompts.
 
     Prompts are sorted by length before batching (less padding) and returned in input order;
     row `i` of batch `j` samples with a key derived from `cfg.seed` and `j`.
@@ -127,7 +129,7 @@ def decode(model: CausalLM, prompts: Sequence[Sequence[int]], cfg: GenerateConfi
     sampling = (cfg.temperature, cfg.top_k, cfg.top_p)
     run = _decoder(graphdef, cfg.max_new_tokens, sampling, tuple(sorted(set(stop_ids))), pad_id, mesh)
     stops = set(stop_ids)
-    batch = cfg.batch_size
+    batch = min(cfg.batch_size, len(prompts))  # no rows of padding beyond the prompts there are
     if mesh is not None:  # whole rows on each data-parallel shard
         dp = parallel.data_parallel_size(mesh)
         batch = -(-batch // dp) * dp
@@ -143,9 +145,12 @@ def decode(model: CausalLM, prompts: Sequence[Sequence[int]], cfg: GenerateConfi
             n = len(prompts[i])
             at = slice(width - n, width) if padding == "left" else slice(0, n)
             tokens[r, at], valid[r, at] = prompts[i], 1
-        if mesh is not None:
-            tokens, valid = (jax.device_put(x, parallel.batch_sharding(mesh)) for x in (tokens, valid))
-        out = np.asarray(run(params, tokens, valid, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), j)))
+        if mesh is not None:  # every process holds the whole batch and places its own shards of it
+            sharding = parallel.batch_sharding(mesh)
+            tokens, valid = (jax.make_array_from_callback(x.shape, sharding, lambda i, x=x: x[i])
+                             for x in (tokens, valid))
+        out = run(params, tokens, valid, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), j))
+        out = np.asarray(out if out.is_fully_addressable else multihost_utils.process_allgather(out, tiled=True))
         for r, i in enumerate(rows):
             ids = out[r].tolist()
             cut = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))

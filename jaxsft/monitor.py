@@ -75,6 +75,8 @@ def format_line(record: dict) -> str:
     for key in ("loss", "eval_loss", "accuracy", "grad_norm", "lr"):
         if key in record:
             parts.append(f"{key} {record[key]:.4g}")
+    # Generation metrics (`train.eval_generate_every`): eval_exact_match, eval_json_valid, ...
+    parts += [f"{k} {v:.3g}" for k, v in record.items() if k.startswith("eval_") and k != "eval_loss"]
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     if "mfu" in record:
@@ -186,7 +188,7 @@ class MetricsLog:
             if "tokens_per_s" in record:
                 self._post["tok/s"] = f"{record['tokens_per_s']:,.0f}"
             self._bar.set_postfix(self._post, refresh=True)
-            if "eval_loss" in record:  # evaluations stay on screen above the bar
+            if any(k.startswith("eval_") for k in record):  # evaluations stay on screen above the bar
                 self._bar.write(format_line(record), file=sys.stderr)
         else:
             eta = None
@@ -215,6 +217,7 @@ def info(message: str) -> None:
 # --------------------------------------------------------------------------- start-up summary
 
 def _bytes(n: float) -> str:
+    """`1.23 GiB`, `4.00 MiB`, ...: a byte count in the largest unit it reaches."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:,.2f} {unit}"

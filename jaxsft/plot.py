@@ -2,7 +2,8 @@
 
     jaxsft plot RUN_DIR        # writes RUN_DIR/metrics.png (also written at the end of `train`)
 
-`plot_run` draws train and eval loss, learning rate and tokens/s over steps from
+`plot_run` draws train and eval loss, learning rate, tokens/s and the generation metrics logged
+during training (`train.eval_generate_every`: eval_exact_match, ...) over steps from
 `RUN_DIR/metrics.jsonl`; `plot_curve` draws a metric against the number of training examples, with
 the prompting baselines as horizontal lines. Drawn with matplotlib's Agg backend (no display
 needed), and written through a temporary file renamed over the old plot, so it is never half-written.
@@ -34,8 +35,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not records:
         raise JaxsftError(f"{metrics}: holds no metrics yet")
     out = Path(out) if out is not None else run_dir / PLOT_NAME
+    # Generation metrics logged during training (`train.eval_generate_every`), in a fourth panel.
+    generated = list(dict.fromkeys(k for r in records for k in r if k.startswith("eval_") and k != "eval_loss"))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 4 if generated else 3, figsize=(20 if generated else 15, 4.2), constrained_layout=True)
     ax = axes[0]
     for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
         steps, values = _series(records, key)
@@ -48,6 +51,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         steps, values = _series(records, key)
         ax.plot(steps, values, "-")
         ax.set_title(title)
+    if generated:
+        from matplotlib.ticker import PercentFormatter
+
+        ax = axes[3]
+        for key in generated:
+            steps, values = _series(records, key)
+            ax.plot(steps, values, "o-", label=key.removeprefix("eval_"), markersize=4)
+        if all(0 <= v <= 1 for key in generated for v in _series(records, key)[1]):
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_title("held-out generations")
+        ax.legend()
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)

@@ -66,7 +66,7 @@ def test_overrides_apply_with_types():
     assert cfg.optimizer.lr == 1e-3 and type(cfg.optimizer.lr) is float
     assert cfg.data.shuffle is False
     # untouched keys keep the file's values
-    assert cfg.train.batch_size == 8 and cfg.data.seq_len == 512
+    assert cfg.train.batch_size == 4 and cfg.data.seq_len == 288
 
 
 def test_override_int_for_float_becomes_float():

@@ -33,7 +33,8 @@ def command(model_dir: Path, run_dir: Path, every: int = EVERY) -> list[str]:
     return [sys.executable, "-m", "jaxsft.cli", "train", str(ROOT / "configs" / "demo.yaml"),
             f"model.path={model_dir}", f"data.train={DEMO_TRAIN}", f"data.eval={DEMO_EVAL}", "data.seq_len=128",
             f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
-            f"checkpoint.every={every}", "checkpoint.keep=2", f"run.dir={run_dir}", "run.export=", "mesh.fsdp=1",
+            "train.eval_generate_every=0", f"checkpoint.every={every}", "checkpoint.keep=2", f"run.dir={run_dir}",
+            "run.export=", "mesh.fsdp=1",
             "optimizer.warmup_steps=2"]
 
 

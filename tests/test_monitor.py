@@ -106,7 +106,8 @@ def test_format_line():
 def test_dry_run_prints_and_creates_nothing(tmp_path, capsys, tiny_llama):
     run_dir = tmp_path / "run"
     code = cli.main(["train", "--dry-run", str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
-                     f"model.path={tiny_llama}", "mesh.fsdp=-1", "data.seq_len=64", f"run.dir={run_dir}"])
+                     f"model.path={tiny_llama}", "mesh.fsdp=-1", "data.seq_len=64", "train.batch_size=8",
+                     f"run.dir={run_dir}"])
     out = capsys.readouterr().out
     assert code == 0
     assert "config (resolved):" in out and f"path: {tiny_llama}" in out

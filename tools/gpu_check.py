@@ -114,8 +114,9 @@ def train() -> None:
     subprocess.run([py, "tools/make_tiny_model.py", "runs/tiny-llama", "--data", "configs/demo_data/train.jsonl",
                     "--split-digits"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run(["rm", "-rf", "runs/gpu-check"], cwd=ROOT, check=True)
-    subprocess.run([str(ROOT / ".venv" / "bin" / "jaxsft"), "train", "configs/demo.yaml", "train.steps=30",
-                    "train.log_every=10", "train.eval_every=0", "run.dir=runs/gpu-check", "run.progress=lines",
+    subprocess.run([str(ROOT / ".venv" / "bin" / "jaxsft"), "train", "configs/demo.yaml", "model.path=runs/tiny-llama",
+                    "train.steps=30", "train.log_every=10", "train.eval_every=0", "train.eval_generate_every=0",
+                    "run.dir=runs/gpu-check", "run.progress=lines",
                     "run.export=", "model.compute_dtype=bfloat16"],  # no export: runs/demo-export is the demo's
                    cwd=ROOT, check=True)
 
