@@ -147,11 +147,18 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; -1 fills with the devices the others leave."""
+    """Device mesh sizes; -1 fills with the devices the others leave. How parameters and
+    activations map onto it: `jaxsft.parallel.RULES`, with `rules` merged over it."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # logical axis -> the mesh axes it is split over (null: replicated), over jaxsft.parallel.RULES;
+    # e.g. `{heads: null, kv_heads: null}`, `{mlp: [fsdp]}`
+    rules: dict[str, tuple[str, ...] | None] = dataclasses.field(default_factory=dict)
+    # a parameter a rule wants split over a mesh axis of size > 1 that does not divide it is then
+    # an error at start, not a warning (it would be replicated along that axis)
+    strict: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +239,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a string or a list of strings, got {value!r}")
         return tuple(_coerce(v, item_tp, key) for v in items)
+    if origin is dict:  # dict[str, V]: a mapping, each value checked as V and named `key.name`
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:

@@ -1,8 +1,10 @@
 """Device mesh, logical-axis rules, and the shardings of parameters and batches.
 
 Model code names its axes logically (`embed`, `heads`, `mlp`, `vocab`, `batch`, `length`, ...);
-`RULES` is the one table that maps those names to the mesh axes `data`, `fsdp`, `tensor`.
-Changing the parallelism is a config change (`mesh.*`), never a model change.
+`RULES` is the one table that maps those names to the mesh axes `data`, `fsdp`, `tensor`;
+`mesh.rules` overrides entries of it. Changing the parallelism is a config change (`mesh.*`),
+never a model change. A rule that cannot split a parameter (a mesh axis that does not divide its
+dimension) is listed by `unsplit_report`, and is an error under `mesh.strict`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import contextvars
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -50,6 +52,42 @@ RULES: dict[str, tuple[str, ...] | None] = {
 # Dimensions of these logical axes take their mesh axes before the other dimensions of an array.
 FIRST = ("head_vocab",)
 
+# The rules each mesh was made with, by mesh (see `rules`).
+_MESH_RULES: dict[Mesh, dict[str, tuple[str, ...] | None]] = {}
+
+
+def resolve_rules(overrides: Mapping[str, Sequence[str] | None]) -> dict[str, tuple[str, ...] | None]:
+    """`RULES` with `overrides` (`mesh.rules`: logical axis -> mesh axes, or None for replicated)
+    merged over them; a name that is not a logical axis, or not a mesh axis, is a `ConfigError`
+    naming the key `mesh.rules.<name>`."""
+    merged = dict(RULES)
+    for name, axes in overrides.items():
+        key = f"config key 'mesh.rules.{name}'"
+        if name not in RULES:
+            raise ConfigError(f"{key}: '{name}' is not a logical axis; logical axes: {', '.join(RULES)}")
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())  # one name, as the config reads it
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ConfigError(f"{key}: '{bad[0]}' is not a mesh axis; mesh axes: {', '.join(MESH_AXES)} "
+                              f"(null: replicated)")
+        if len(set(axes)) != len(axes):
+            raise ConfigError(f"{key} names a mesh axis twice: {list(axes)}")
+        merged[name] = axes or None
+    return merged
+
+
+def rules(mesh: Mesh | None) -> dict[str, tuple[str, ...] | None]:
+    """The logical-axis rules of `mesh`: `RULES` merged with the `mesh.rules` it was made with.
+
+    The rules belong to the mesh rather than to a config threaded through the code: `make_mesh`
+    records them beside the mesh it returns, and whatever maps logical axes to that mesh
+    (`logical_to_spec`, the batch sharding, `constrain` in model code) reads them from the mesh it
+    is given. A mesh not made by `make_mesh` follows `RULES`. JAX gives equal meshes (the same
+    devices and axes) one identity, so the newest `make_mesh` of a layout sets its rules: one
+    process runs one config.
+    """
+    return _MESH_RULES.get(mesh, RULES)
+
 
 def initialize_distributed() -> bool:
     """Joins a multi-process job when this process is one of several; returns whether it did.
@@ -80,7 +118,9 @@ def initialize_distributed() -> bool:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the `data x fsdp x tensor` mesh; a -1 size takes the devices the others leave."""
+    """Builds the `data x fsdp x tensor` mesh; a -1 size takes the devices the others leave. The
+    mesh follows `RULES` merged with `cfg.rules` (see `rules`)."""
+    table = resolve_rules(cfg.rules)
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
     fixed = math.prod(v for v in sizes.values() if v != -1)
@@ -96,29 +136,45 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     shape = tuple(sizes[a] for a in MESH_AXES)
     # jax.make_mesh orders devices by the physical topology (ICI rings on TPU, NVLink on GPU).
     # Auto axes: shardings propagate through the step (GSPMD), pinned only where we constrain them.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    _MESH_RULES[mesh] = table
+    return mesh
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """PartitionSpec for an array with these logical axes; a mesh axis that does not divide the
-    dimension (or is already used by an earlier dimension) is dropped, so the array is replicated
-    along it rather than failing."""
+def _split(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> tuple[P, list[tuple[int, str, str]]]:
+    """`logical_to_spec`'s PartitionSpec, and `(dimension, mesh axis, why)` for each mesh axis of
+    size > 1 that a rule wanted for a dimension but the array is not split over at all."""
+    table = rules(mesh)
     used: set[str] = set()
     spec: list = [None] * len(axes)
+    dropped = []
     order = sorted(range(len(axes)), key=lambda i: axes[i] not in FIRST)  # stable: FIRST, then in order
     for i in order:
         name, dim = axes[i], shape[i]
-        mesh_axes = RULES.get(name) if name is not None else None
-        if name is not None and name not in RULES:
+        if name is not None and name not in table:
             raise KeyError(f"logical axis '{name}' has no rule in jaxsft.parallel.RULES")
-        kept = []
-        for ax in mesh_axes or ():
+        kept: list[str] = []
+        for ax in (table[name] if name is not None else None) or ():
             size = mesh.shape[ax]
-            if ax not in used and size > 1 and dim % (size * math.prod(mesh.shape[k] for k in kept)) == 0:
+            if ax in used or size == 1:
+                continue
+            split = size * math.prod(mesh.shape[k] for k in kept)
+            if dim % split == 0:
                 kept.append(ax)
+            else:
+                sizes = " x ".join(f"{k}={mesh.shape[k]}" for k in kept + [ax])
+                dropped.append((i, ax, f"{dim} is not divisible by {split}" + (f" ({sizes})" if kept else "")))
         used.update(kept)
         spec[i] = tuple(kept) if len(kept) > 1 else (kept[0] if kept else None)
-    return P(*spec)
+    # An axis taken by an earlier (or later) dimension still splits the array: it costs nothing.
+    return P(*spec), [d for d in dropped if d[1] not in used]
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec for an array with these logical axes, by `rules(mesh)`; a mesh axis that does
+    not divide the dimension (or is already used by an earlier dimension) is dropped, so the array
+    is replicated along it rather than failing (`unsplit_report` lists where)."""
+    return _split(axes, shape, mesh)[0]
 
 
 def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
@@ -126,18 +182,84 @@ def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mes
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
 
+def _axes(var: Any) -> tuple[str | None, ...]:
+    """The logical axes of an `nnx.Variable`."""
+    axes = var.get_metadata().get("axes")
+    if axes is None:
+        raise KeyError(f"parameter of shape {var.get_value().shape} has no logical axes")
+    return axes
+
+
+def _is_variable(x: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Variable)
+
+
 def param_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     """Shardings for a tree of `nnx.Variable`s carrying `axes` metadata (a pure-dict tree results)."""
     from flax import nnx
 
-    def one(var):
-        axes, shape = var.get_metadata().get("axes"), var.get_value().shape
-        if axes is None:
-            raise KeyError(f"parameter of shape {shape} has no logical axes")
-        return logical_sharding(axes, shape, mesh)
-
-    shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    shardings = jax.tree.map(lambda var: logical_sharding(_axes(var), var.get_value().shape, mesh), abstract_state,
+                             is_leaf=_is_variable)
     return nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
+
+
+class Unsplit(NamedTuple):
+    """A parameter dimension that a rule wanted split over a mesh axis but that is left whole, so
+    the parameter is replicated along that axis."""
+
+    path: str  # the parameter, as `jax.tree_util.keystr` writes it
+    shape: tuple[int, ...]
+    logical: str  # the dimension's logical axis
+    mesh_axis: str
+    size: int  # of the mesh axis
+    why: str
+    bytes: int  # per device: the shard as placed minus the shard the split would have given
+
+
+def unsplit_report(abstract_state: Any, mesh: Mesh) -> list[Unsplit]:
+    """Every parameter dimension of a tree of `nnx.Variable`s with `axes` metadata (the abstract
+    model's `nnx.state`) that its rule wanted split over a mesh axis of size > 1 but that
+    `logical_to_spec` leaves whole because the axis does not divide it. An axis already taken by
+    another dimension of the same array is not listed: the array is split over it all the same."""
+    found = []
+    for path, var in jax.tree_util.tree_leaves_with_path(abstract_state, is_leaf=_is_variable):
+        axes, value = _axes(var), var.get_value()
+        spec, dropped = _split(axes, value.shape, mesh)
+        ways = math.prod(mesh.shape[a] for entry in spec if entry is not None
+                         for a in (entry if isinstance(entry, tuple) else (entry,)))
+        placed = math.prod(value.shape) * np.dtype(value.dtype).itemsize // ways
+        for i, ax, why in dropped:
+            size = mesh.shape[ax]
+            found.append(Unsplit(jax.tree_util.keystr(path), tuple(value.shape), axes[i], ax, size, why,
+                                 placed - placed // size))
+    return found
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB" if n >= 2**20 else f"{n / 2**10:,.2f} KiB"
+
+
+def check_unsplit(abstract_state: Any, mesh: Mesh, strict: bool = False) -> list[str]:
+    """`unsplit_report` as lines for people (none when every rule splits what it asks); with
+    `strict` (`mesh.strict`) any such parameter is a `ConfigError` naming the mesh axis's key and
+    the first parameter."""
+    found = unsplit_report(abstract_state, mesh)
+    if not found:
+        return []
+    u = found[0]
+    if strict:
+        raise ConfigError(f"config key 'mesh.{u.mesh_axis}' ({u.size}) cannot split parameter {u.path} "
+                          f"{list(u.shape)} along '{u.logical}': {u.why}, and mesh.strict is true ({len(found)} "
+                          f"such dimensions in all; `jaxsft train --dry-run` lists them). Use a mesh size that "
+                          f"divides, map '{u.logical}' elsewhere in mesh.rules, or set mesh.strict=false")
+    lines = [f"warning: {len(found)} parameter dimensions are not split as the sharding rules ask, so they are "
+             f"replicated: {_size(sum(x.bytes for x in found))} more per device for the parameters (their "
+             f"gradients and optimizer moments alike); mesh.strict=true makes this an error:"]
+    lines += [f"  {x.path} {list(x.shape)}: '{x.logical}' not split over {x.mesh_axis} ({x.size}): {x.why}; "
+              f"+{_size(x.bytes)} per device" for x in found]
+    return lines
 
 
 def on_mesh(tree: Any, mesh: Mesh) -> Any:
@@ -154,7 +276,7 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a `[batch, length]` array of the batch contract."""
-    return NamedSharding(mesh, P(RULES["batch"], None))
+    return NamedSharding(mesh, P(rules(mesh)["batch"], None))
 
 
 def abstract_batch(global_batch: int, seq_len: int, mesh: Mesh) -> dict:
@@ -167,7 +289,7 @@ def abstract_batch(global_batch: int, seq_len: int, mesh: Mesh) -> dict:
 
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch dimension is split."""
-    return math.prod(mesh.shape[a] for a in RULES["batch"])
+    return math.prod(mesh.shape[a] for a in rules(mesh)["batch"] or ())
 
 
 # The mesh that `constrain` uses while a step is traced; None outside (then `constrain` is a no-op).
