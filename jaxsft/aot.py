@@ -8,6 +8,7 @@ CPU, or the devices of a TPU topology described from a CPU host).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsft import parallel
+from jaxsft import lora, parallel
 from jaxsft.config import Config
-from jaxsft.models import abstract_model
+from jaxsft.models import DTYPES, abstract_model
 from jaxsft.stepspec import StepSpec, data_bounds, step_line
-from jaxsft.train import make_optimizer, make_train_step, model_args, opt_state_shardings
+from jaxsft.train import frozen_shardings, make_optimizer, make_train_step, model_args, opt_state_shardings
 
 
 @dataclass
@@ -31,9 +32,11 @@ class CompiledStep:
 
     compiled: Any  # jax.stages.Compiled
     args: Any  # ModelArgs
-    params: Any  # abstract parameter tree (ShapeDtypeStructs)
+    params: Any  # abstract parameter tree (ShapeDtypeStructs): with LoRA, the adapters
     compile_s: float
     line: str = ""  # `jaxsft.stepspec.step_line`: spec, program fingerprint, memory
+    frozen: Any = None  # LoRA: the abstract frozen base (QArrays of ShapeDtypeStructs for QLoRA)
+    opt_state: Any = None
 
     def memory(self) -> dict[str, int]:
         """Per-device bytes of the compiled step: arguments, outputs, temporaries, generated code."""
@@ -48,14 +51,29 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
 
 
 def abstract_state(args, cfg: Config, mesh: Mesh) -> tuple:
-    """`(args, graphdef, state, tx, schedule)` with `state` made of sharded ShapeDtypeStructs."""
+    """`(args, graphdef, state, tx, schedule, frozen)` with `state` made of sharded
+    ShapeDtypeStructs; with LoRA the state's params are the adapters and `frozen` the abstract
+    base (quantized as QLoRA holds it), else None."""
+    frozen = None
+    if lora.enabled(cfg.lora):
+        base_args = dataclasses.replace(args, param_dtype=DTYPES[cfg.lora.base_dtype])
+        base_vars = nnx.state(abstract_model(base_args))
+        frozen = nnx.to_pure_dict(base_vars)
+        transform = lora.quantizer(cfg.lora, DTYPES[cfg.lora.base_dtype])
+        if transform is not None:
+            frozen = jax.tree_util.tree_map_with_path(
+                lambda path, x: jax.eval_shape(lambda y: transform(lora.path_key(path), y), x), frozen)
+        frozen = _with_sharding(frozen, frozen_shardings(frozen, base_vars, mesh))
+        args = lora.model_args(args, cfg.lora)
     graphdef, variables = nnx.split(abstract_model(args))
     shardings = parallel.param_shardings(variables, mesh)
     params = _with_sharding(nnx.to_pure_dict(variables), shardings)
+    if frozen is not None:
+        params = lora.adapters_of(params)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, params)
     opt_state = _with_sharding(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-    return args, graphdef, {"params": params, "opt_state": opt_state, "step": step}, tx, schedule
+    return args, graphdef, {"params": params, "opt_state": opt_state, "step": step}, tx, schedule, frozen
 
 
 def compile_train_step(model: dict | Any, cfg: Config, mesh: Mesh, spec: StepSpec | None = None) -> CompiledStep:
@@ -66,14 +84,17 @@ def compile_train_step(model: dict | Any, cfg: Config, mesh: Mesh, spec: StepSpe
     """
     args = model_args(model, cfg) if isinstance(model, dict) else model
     spec = spec or StepSpec.of(cfg, mesh.devices.flat[0].platform)
-    args, graphdef, state, tx, schedule = abstract_state(args, cfg, mesh)
+    args, graphdef, state, tx, schedule, frozen = abstract_state(args, cfg, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(graphdef, tx, schedule, mesh, shardings, spec)
-    lowered = step.lower(state, parallel.abstract_batch(cfg.train.batch_size, cfg.data.seq_len, mesh))
+    base = () if frozen is None else (frozen,)
+    step = make_train_step(graphdef, tx, schedule, mesh, shardings, spec,
+                           None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen), cfg.train.seed)
+    lowered = step.lower(state, parallel.abstract_batch(cfg.train.batch_size, cfg.data.seq_len, mesh), *base)
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    return CompiledStep(compiled, args, state["params"], compile_s, step_line(spec, lowered, compiled, compile_s))
+    return CompiledStep(compiled, args, state["params"], compile_s, step_line(spec, lowered, compiled, compile_s),
+                        frozen, state["opt_state"])
 
 
 # --------------------------------------------------------------------------- TPU topologies
@@ -167,6 +188,7 @@ def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
                           f"data-parallel size ({parallel.data_parallel_size(mesh)}) x train.grad_accum")
     args = model_args(read_hf_config(cfg.model.path), cfg)
     per_chip = len(devices) // chips  # devices per chip (v4 shows its two TensorCores as devices)
+    unsplit = parallel.check_unsplit(nnx.state(abstract_model(args)), mesh, cfg.mesh.strict)
     longest, most, how = data_bounds(cfg)
     spec = StepSpec.of(cfg, devices[0].platform, longest, most)
     try:
@@ -183,8 +205,8 @@ def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
     need_chip, hbm_chip = need_device * per_chip, chip.hbm_gib * 2**30
     fits = need_chip <= hbm_chip
 
-    n_params = sum(x.size for x in jax.tree.leaves(step.params))
-    model_flops = flops.train_flops_per_position(step.params, args, cfg.data.seq_len) * (
+    n_params = lora.count(step.params) + (lora.count(step.frozen) if step.frozen is not None else 0)
+    model_flops = flops.train_flops_per_position(step.params, args, cfg.data.seq_len, step.frozen) * (
         cfg.train.batch_size * cfg.data.seq_len)
     xla_flops, _ = _cost(step.compiled)
     peak_chip = flops.device_peak_flops(devices[0], cfg.model.compute_dtype) * per_chip
@@ -203,14 +225,17 @@ def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
         f"mesh {dict(mesh.shape)}",
         f"model {cfg.model.path}: {n_params / 1e9:.2f}B parameters, {args.num_layers} layers; "
         f"global batch {cfg.train.batch_size} x {cfg.data.seq_len}, grad_accum {cfg.train.grad_accum}, "
-        f"params {cfg.model.param_dtype}, compute {cfg.model.compute_dtype}, remat {cfg.model.remat}",
+        f"params {cfg.model.param_dtype if step.frozen is None else 'base ' + cfg.lora.base_dtype}, compute {cfg.model.compute_dtype}, remat {cfg.model.remat}",
         f"step bounds: {how}",
+        *unsplit,
+        *([lora.memory_line(step.params, step.frozen, step.opt_state, mem, cfg.lora, per_chip)]
+          if step.frozen is not None else []),
         step.line,
         f"compile time: {step.compile_s:.1f} s",
         f"HBM per chip: {_gib(need_chip)} needed of {_gib(hbm_chip)} "
         f"(arguments {_gib(mem['argument'] * per_chip)}, temporaries {_gib(mem['temp'] * per_chip)}, "
         f"code {_gib(mem['code'] * per_chip)}) -> {'fits' if fits else 'DOES NOT FIT'}",
-        f"FLOPs per step: model 6N+12LHT {model_flops:.3e} ({model_flops / chips:.3e} per chip); "
+        f"FLOPs per step: model {'6N' if step.frozen is None else '4N frozen + 6N adapters'}+12LHT {model_flops:.3e} ({model_flops / chips:.3e} per chip); "
         f"XLA cost analysis {xla_flops * per_chip:.3e} per chip (it counts a loop body once: the scanned "
         f"layers as one layer)",
         f"estimated step time >= {step_s:.3g} s (roofline: {peak_chip / 1e12:.0f} TFLOP/s and "

@@ -2,7 +2,7 @@
 
     jaxsft train CONFIG.yaml [section.key=value ...] [--dry-run] [--force-resume]
     jaxsft plot RUN_DIR
-    jaxsft export RUN_DIR_OR_CHECKPOINT_OR_HF_DIR OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
+    jaxsft export RUN_DIR_OR_CHECKPOINT_OR_HF_DIR OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB] [--adapter]
     jaxsft import-gguf FILE.gguf OUT_DIR [--dtype float32|bfloat16]
     jaxsft data inspect CONFIG.yaml [section.key=value ...] [-n N] [--json N]
     jaxsft compile CONFIG.yaml --topology v5p-8 [section.key=value ...]
@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     e.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB (default), 500MB, 2GiB; above it, shards plus an index")
+    e.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its PEFT adapter directory (adapter_config.json, adapter_model.safetensors) "
+                        "instead of merged weights")
     ig = sub.add_parser("import-gguf", help="write a Hugging Face model directory from a GGUF file (dequantized)")
     ig.add_argument("gguf", help="GGUF file (needs the gguf package: pip install \"jaxsft[gguf]\")")
     ig.add_argument("out", help="output directory (must not exist or be empty)")
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from jaxsft.export import export
 
-            out = export(args.source, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            out = export(args.source, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                         adapter=args.adapter)
             print(f"exported {out}")
         elif args.command == "import-gguf":
             from jaxsft.gguf import import_gguf

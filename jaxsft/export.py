@@ -2,6 +2,7 @@
 
     jaxsft export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
     jaxsft export HF_DIR OUT_DIR [...]       # a copy of a Hugging Face directory, in the export dtype
+    jaxsft export LORA_RUN OUT_DIR [--adapter]  # merged weights, or (--adapter) a PEFT adapter directory
 
 Writes `config.json` (the original's, every field kept, dtype updated), the weights as safetensors
 (`model.safetensors`, or, above `max_shard_size`, numbered shards listed by
@@ -78,12 +79,41 @@ def resolve_source(source: str | Path) -> tuple[Path, int]:
                       f"directory (RUN_DIR/checkpoints/STEP) nor a Hugging Face directory (config.json)")
 
 
+def load_adapters(run_dir: Path, step: int, cfg, args) -> dict:
+    """A LoRA run's adapters at `step` (onto this process's first device); `args` without LoRA."""
+    from jaxsft import lora
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = lora.adapters_of(nnx.to_pure_dict(nnx.state(abstract_model(lora.model_args(args, cfg.lora)))))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    return Checkpointer(run_dir / "checkpoints", read_only=True).restore_params(step, abstract)
+
+
+def load_lora_merged(run_dir: Path, step: int, cfg) -> tuple[Any, Any]:
+    """`(args, params)` of a LoRA run: its base (from `model.path`, checked against the run's
+    `base.json`; for QLoRA quantized as in training) with the adapters merged in, float32 (the
+    model that training evaluated, as one plain parameter tree)."""
+    from jaxsft import lora
+    from jaxsft.models import from_pretrained
+
+    lora.check_base(run_dir, cfg, resuming=True)
+    base = from_pretrained(cfg.model.path, jax.numpy.float32,
+                           transform=lora.quantizer(cfg.lora, jax.numpy.float32))
+    params = lora.merge(nnx.to_pure_dict(nnx.state(base)), load_adapters(run_dir, step, cfg, base.args),
+                        cfg.lora.alpha, cfg.lora.rank)
+    return base.args, params
+
+
 def load_checkpoint(source: str | Path) -> tuple[Path, dict, Any, Any]:
     """`(run_dir, hf_config, args, params)` of a run directory's newest checkpoint or one checkpoint,
-    with only the parameters read (onto this process's first device)."""
+    with only the parameters read (onto this process's first device). A LoRA run's come merged
+    into its base (`load_lora_merged`)."""
     run_dir, step = resolve_source(source)
     cfg = load_config(run_dir / "config.yaml")
     hf_config = json.loads((run_dir / "hf" / "config.json").read_text())
+    if cfg.lora.rank:
+        args, params = load_lora_merged(run_dir, step, cfg)
+        return run_dir, hf_config, args, params
     args = args_from_hf_config(hf_config, param_dtype=DTYPES[cfg.model.param_dtype])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = nnx.to_pure_dict(nnx.state(abstract_model(args)))
@@ -257,14 +287,51 @@ def building(out: Path, command: str):
         raise
 
 
-def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shard_size: str | int = "5GB") -> Path:
+def params_tensors(params: Any, num_layers: int) -> list[Tensor]:
+    """The Hugging Face tensors of an in-memory parameter tree (a merged LoRA model), by name."""
+    from jaxsft.models.hf_io import iter_hf_tensors
+
+    tensors = [Tensor(name, tuple(value.shape), functools.partial(lambda v: v, value))
+               for name, value in iter_hf_tensors(params, num_layers)]
+    return sorted(tensors, key=lambda t: natural_order(t.name))
+
+
+def export_adapter(source: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """Writes a LoRA run's adapters as a PEFT adapter directory (`adapter_config.json`,
+    `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained(base, out)` loads."""
+    from jaxsft.peft_io import write_adapter
+
+    out = Path(out).absolute()
+    run_dir, step = resolve_source(source)
+    cfg = load_config(run_dir / "config.yaml")
+    if not cfg.lora.rank:
+        raise JaxsftError(f"{run_dir}: not a LoRA run (lora.rank is 0), so it has no adapter; export it "
+                          f"without --adapter for its weights")
+    check_new_output(out, "export")
+    if jax.process_index() == 0:
+        args = args_from_hf_config(json.loads((run_dir / "hf" / "config.json").read_text()))
+        adapters = jax.tree.map(np.asarray, load_adapters(run_dir, step, cfg, args))
+        write_adapter(out, adapters, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                      targets=tuple(cfg.lora.targets), base_model_name_or_path=str(cfg.model.path), dtype=dtype)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxsft export done")
+    return out
+
+
+def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shard_size: str | int = "5GB",
+           adapter: bool = False) -> Path:
     """Writes the Hugging Face directory `out` from a run directory (its newest checkpoint), one
     checkpoint directory, or a Hugging Face directory (copied in `dtype`: its safetensors weights,
-    config.json and the tokenizer and generation files); returns `out`. Every process calls it;
+    config.json and the tokenizer and generation files); returns `out`. A LoRA run exports its
+    merged weights, or with `adapter` its PEFT adapter (`export_adapter`). Every process calls it;
     process 0 writes."""
     out = Path(out).absolute()
     if dtype not in _DTYPES:
         raise JaxsftError(f"export dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if adapter:
+        return export_adapter(source, out, dtype)
     max_bytes = parse_size(max_shard_size)
     check_new_output(out, "export")
     reader, names = None, None
@@ -279,6 +346,9 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shar
     if jax.process_index() == 0:
         if reader is not None:
             tensors = hf_dir_tensors(reader)
+        elif load_config(run_dir / "config.yaml").lora.rank:  # merged in memory: W + B A * alpha/rank
+            args, params = load_lora_merged(run_dir, step, load_config(run_dir / "config.yaml"))
+            tensors = params_tensors(params, args.num_layers)
         else:
             tensors = hf_tensors(SavedArrays(Checkpointer(run_dir / "checkpoints", read_only=True).step_dir(step)))
         itemsize = _DTYPES[dtype][1].itemsize

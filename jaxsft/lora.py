@@ -129,7 +129,13 @@ def quantizer(cfg: LoraConfig, scale_dtype) -> Any:
     kernels quantized as `cfg.base_quant` asks, everything else as loaded. None without QLoRA."""
     if cfg.base_quant == "none":
         return None
-    import qwix
+    try:
+        import qwix
+    except ImportError:
+        from jaxsft.errors import ConfigError
+
+        raise ConfigError(f"config key 'lora.base_quant' is {cfg.base_quant!r}, but the qwix package is not installed "
+                          f"(pip install 'jaxsft[lora]')") from None
 
     qtype = QUANT_TYPES[cfg.base_quant]
 
@@ -146,22 +152,18 @@ def quantizer(cfg: LoraConfig, scale_dtype) -> Any:
 def quantized_shardings(tree: Any, sharding_of) -> Any:
     """Shardings of a base tree whose leaves may be QArrays: the values like the kernel, each
     scale by the kernel's logical axes on its own (smaller) shape. `sharding_of(key, shape)`."""
-    import qwix
-
     def one(path, x):
         key = _key(path)
-        if isinstance(x, qwix.QArray):
+        if is_quantized(x):
             return dataclasses.replace(x, qvalue=sharding_of(key, x.qvalue.shape), scale=sharding_of(key, x.scale.shape))
         return sharding_of(key, x.shape)
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, qwix.QArray))
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_quantized)
 
 
 def is_quantized(x: Any) -> bool:
-    """Whether a parameter value is a qwix QArray."""
-    import qwix
-
-    return isinstance(x, qwix.QArray)
+    """Whether a parameter value is a qwix QArray (without importing qwix where nothing is)."""
+    return type(x).__name__ == "QArray" and hasattr(x, "qvalue")
 
 
 def dequantize(x: Any, dtype) -> jax.Array:
@@ -276,7 +278,9 @@ def memory_line(adapters: Any, frozen: Any, opt_state: Any, compiled: dict, cfg:
     """The parts of a compiled LoRA step's memory per chip: the frozen base, the adapters, their
     optimizer state, and the temporaries (activations, gradients, dequantized weights)."""
     trainable, fixed = count(adapters), count(frozen)
-    gib = lambda n: f"{n * per_chip / 2**30:,.2f} GiB"  # noqa: E731
+    from jaxsft.monitor import _bytes
+
+    gib = lambda n: _bytes(n * per_chip)  # noqa: E731
     quant = f" {cfg.base_quant}" if cfg.base_quant != "none" else f" {cfg.base_dtype}"
     return (f"lora rank {cfg.rank}: trainable {trainable:,} ({100 * trainable / max(trainable + fixed, 1):.2f}%), "
             f"frozen {fixed:,}; per chip: base{quant} {gib(_bytes_of(frozen))}, adapters {gib(_bytes_of(adapters))}, "
@@ -285,16 +289,16 @@ def memory_line(adapters: Any, frozen: Any, opt_state: Any, compiled: dict, cfg:
 
 def summary_line(adapters: Any, frozen: Any, cfg: LoraConfig) -> str:
     """`lora: rank ..., trainable N (x%), frozen M; per device: base ..., adapters ...`."""
+    from jaxsft.monitor import _bytes
+
     trainable, fixed = count(adapters), count(frozen)
     quant = f", {cfg.base_quant} blocks of {cfg.quant_block}" if cfg.base_quant != "none" else ""
     return (f"lora: rank {cfg.rank}, alpha {cfg.alpha}, on {', '.join(cfg.targets)}; trainable {trainable:,} "
             f"({100 * trainable / max(trainable + fixed, 1):.2f}%), frozen {fixed:,} ({cfg.base_dtype}{quant}); "
-            f"per device: base {_bytes_of(frozen) / 2**20:,.1f} MiB, adapters {_bytes_of(adapters) / 2**20:,.2f} MiB")
+            f"per device: base {_bytes(_bytes_of(frozen))}, adapters {_bytes(_bytes_of(adapters))}")
 
 
 def count(tree: Any) -> int:
     """Elements in a tree (QArrays count their values)."""
-    import qwix
-
-    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, qwix.QArray))
+    leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
     return sum(int(np.prod(x.shape)) for x in leaves)

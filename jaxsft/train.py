@@ -30,7 +30,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
-from jaxsft import flops, parallel, rundir
+from jaxsft import evalgen, flops, lora, parallel, rundir
 from jaxsft.checkpoint import Checkpointer, Preemption, SavedArrays, abstract_like
 from jaxsft.config import Config, ModelConfig, OptimizerConfig, config_yaml, to_dict
 from jaxsft.data.pack import longest_segment, most_trained
@@ -39,7 +39,7 @@ from jaxsft.data.render import load_tokenizer
 from jaxsft.errors import (ConfigError, DataError, Interrupted, JaxsftError, ModelError, NonFiniteError, disk_full,
                            is_disk_full)
 from jaxsft.loss import cross_entropy_sums
-from jaxsft.models import DTYPES, args_from_hf_config, from_pretrained, read_hf_config
+from jaxsft.models import DTYPES, abstract_model, args_from_hf_config, from_pretrained, read_hf_config
 from jaxsft.stepspec import StepSpec, data_bounds, step_line
 from jaxsft.monitor import MetricsLog, atomic_write_text, info, memory_estimate, summary_lines
 
@@ -51,9 +51,9 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
 
 def decay_mask(params: Any, decay_all: bool = False) -> Any:
     """True for the parameters weight decay applies to: projection kernels (the output head
-    included), not norms, biases or the embedding table, unless `decay_all`."""
+    included) and LoRA adapters, not norms, biases or the embedding table, unless `decay_all`."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: decay_all or getattr(path[-1], "key", None) == "kernel", params)
+        lambda path, _: decay_all or getattr(path[-1], "key", None) in ("kernel",) + lora.ADAPTER_KEYS, params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int,
@@ -79,13 +79,17 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
     return optax.chain(*parts), schedule
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict,
-              spec: StepSpec = StepSpec()) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict, spec: StepSpec = StepSpec(), frozen: Any = None,
+              dropout_key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch, as `spec`
-    shapes it (see `jaxsft.stepspec.StepSpec`, and `jaxsft.loss.cross_entropy_sums` for the chunking)."""
-    model = nnx.merge(graphdef, params)
+    shapes it (see `jaxsft.stepspec.StepSpec`, and `jaxsft.loss.cross_entropy_sums` for the chunking).
+
+    With LoRA, `params` are the adapters and `frozen` the base they join (see `jaxsft.lora`);
+    `dropout_key` drives the adapters' dropout."""
+    model = nnx.merge(graphdef, params if frozen is None else lora.combine(frozen, params))
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 max_segment_len=spec.max_segment_len, attention_backend=spec.attention)
+                                 max_segment_len=spec.max_segment_len, attention_backend=spec.attention,
+                                 dropout_key=dropout_key)
     loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"],
                                               chunk=spec.loss_chunk, softcap=model.logit_softcap,
                                               whole_bytes=spec.loss_whole_mib * 2**20, row_trained=spec.row_trained)
@@ -118,7 +122,44 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
     return model, graphdef, parallel.on_mesh(state, mesh), tx, schedule
 
 
-def make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec: StepSpec = StepSpec()):
+def frozen_shardings(frozen: Any, abstract: nnx.State, mesh) -> Any:
+    """Shardings of a frozen base tree whose leaves may be QArrays (values like their kernel,
+    scales by the kernel's logical axes on their own shape); `abstract` holds the variables' axes."""
+    axes = {tuple(str(k) for k in path): var.get_metadata()["axes"] for path, var in nnx.to_flat_state(abstract)}
+    return lora.quantized_shardings(frozen, lambda key, shape: parallel.logical_sharding(axes[key], shape, mesh))
+
+
+def init_lora_state(cfg: Config, mesh) -> tuple:
+    """Loads the frozen base onto `mesh` (quantized as it loads, for QLoRA) and builds the adapters'
+    train state. Returns `(args, graphdef, state, frozen, tx, schedule)`: `state` is `{"params"
+    (the adapters), "opt_state", "step"}`, `frozen` the base tree, `graphdef` the model with adapters."""
+    mc, lc = cfg.model, cfg.lora
+    transform = lora.quantizer(lc, DTYPES[lc.base_dtype])
+    base = from_pretrained(mc.path, lc.base_dtype, compute_dtype=mc.compute_dtype, remat=mc.remat,
+                           scan_layers=mc.scan_layers, mesh=mesh, transform=transform)
+    args = lora.model_args(base.args, lc)
+    graphdef, abstract = nnx.split(abstract_model(args))
+    frozen = nnx.to_pure_dict(nnx.state(base))
+    if transform is not None:  # QLoRA: the scales take the kernels' logical axes
+        frozen = jax.device_put(frozen, frozen_shardings(frozen, abstract, mesh))
+    adapter_shardings = lora.adapters_of(parallel.param_shardings(abstract, mesh))
+    abstract_adapters = lora.adapters_of(nnx.to_pure_dict(abstract))
+    if lc.init_from:
+        from jaxsft.peft_io import read_adapter
+
+        adapters = jax.device_put(lora.checked_adapter(read_adapter(lc.init_from, abstract_adapters), lc),
+                                  adapter_shardings)
+    else:
+        adapters = jax.jit(lambda: lora.init_adapters(abstract_adapters, cfg.train.seed),
+                           out_shardings=adapter_shardings)()
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, adapters)
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, adapters, mesh))(adapters)
+    state = {"params": adapters, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+    return args, graphdef, parallel.on_mesh(state, mesh), frozen, tx, schedule
+
+
+def make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec: StepSpec = StepSpec(),
+                    frozen_shardings: Any = None, seed: int = 0):
     """The jitted step `(state, batch) -> (state, metrics)`, state donated, shardings fixed.
 
     The loss is one sum over every trained token of the global batch (all micro-batches, all
@@ -127,15 +168,22 @@ def make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec: StepSpe
     `spec.nonfinite == "skip"` a step where they are not leaves the parameters and optimizer state
     as they were. Everything else static (attention backend, the data's bounds, the loss
     chunking, `grad_accum`) comes from `spec`.
+
+    With `frozen_shardings` (LoRA) the step is `(state, batch, frozen) -> (state, metrics)`: the
+    state's params are the adapters, `frozen` the base (read, never differentiated, not donated),
+    and the adapters' dropout draws from `seed` and the step number.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, spec), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b, f, k: loss_sums(graphdef, p, b, spec, f, k), has_aux=True)
     grad_accum, nonfinite = spec.grad_accum, spec.nonfinite
 
-    def step(state, batch):
+    def step(state, batch, frozen=None):
         with parallel.activation_sharding(mesh):
             params = state["params"]
+            # RBG keys (XLA's RngBitGenerator), as MaxText draws its dropout: threefry masks of every
+            # layer's activations took the TPU compiler over ten times longer to compile.
+            key = None if frozen is None else jax.random.fold_in(jax.random.key(seed, impl="rbg"), state["step"])
             if grad_accum == 1:
-                (loss_sum, (n, correct)), grads = grad_fn(params, batch)
+                (loss_sum, (n, correct)), grads = grad_fn(params, batch, frozen, key)
             else:
                 # Micro-batch a takes rows a, a+A, a+2A, ...: every device holds a share of each.
                 def split(x):
@@ -143,14 +191,15 @@ def make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec: StepSpe
                     return x.reshape(b, grad_accum, *x.shape[1:]).swapaxes(0, 1)
                 micro = {k: split(v) for k, v in batch.items()}
 
-                def body(acc, mb):
+                def body(acc, xs):
+                    mb, a = xs
                     mb = {k: parallel.constrain(v, ("batch", "length")) for k, v in mb.items()}
-                    (s, (n_, c_)), g = grad_fn(params, mb)
+                    (s, (n_, c_)), g = grad_fn(params, mb, frozen, None if key is None else jax.random.fold_in(key, a))
                     return jax.tree.map(jnp.add, acc, (s, n_, c_, g)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
                 init = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros)
-                (loss_sum, n, correct, grads), _ = jax.lax.scan(body, init, micro)
+                (loss_sum, n, correct, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
             denom = jnp.maximum(n, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             grad_norm = optax.tree.norm(grads)
@@ -169,8 +218,10 @@ def make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec: StepSpe
                        "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
             return new_state, metrics
 
-    return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+    in_shardings = (state_shardings, parallel.batch_sharding(mesh))
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None), donate_argnums=0)
 
 
 def batch_bounds(batches: list[dict]) -> tuple[int, int]:
@@ -213,14 +264,18 @@ def _updated(step: int, metrics: dict, nonfinite: str) -> bool:
     return False
 
 
-def make_eval_step(graphdef, mesh, params_shardings, spec: StepSpec = StepSpec()):
+def make_eval_step(graphdef, mesh, params_shardings, spec: StepSpec = StepSpec(), frozen_shardings: Any = None):
     """The jitted `(params, batch) -> (loss_sum, trained_tokens, correct)` (training's held-out
-    loss and `jaxsft eval`'s completion loss)."""
-    def step(params, batch):
+    loss and `jaxsft eval`'s completion loss); with `frozen_shardings` (LoRA),
+    `(adapters, batch, frozen) -> ...`."""
+    def step(params, batch, frozen=None):
         with parallel.activation_sharding(mesh):
-            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, spec)
+            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, spec, frozen)
             return loss_sum, n, correct
-    return jax.jit(step, in_shardings=(params_shardings, parallel.batch_sharding(mesh)))
+    in_shardings = (params_shardings, parallel.batch_sharding(mesh))
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
+    return jax.jit(step, in_shardings=in_shardings)
 
 
 def eval_spec(cfg: Config, mesh, batches: list[dict]) -> StepSpec:
@@ -230,11 +285,12 @@ def eval_spec(cfg: Config, mesh, batches: list[dict]) -> StepSpec:
     return dataclasses.replace(StepSpec.of(cfg, mesh.devices.flat[0].platform, longest, most, seq_len), grad_accum=1)
 
 
-def evaluate(eval_step, params, batches: list[dict]) -> float:
-    """Completion loss over the held-out (global, on-device) batches: sum over trained tokens / their count."""
+def evaluate(eval_step, params, batches: list[dict], *frozen) -> float:
+    """Completion loss over the held-out (global, on-device) batches: sum over trained tokens / their
+    count (`frozen`: LoRA's base, for an eval step made with `frozen_shardings`)."""
     total, count = 0.0, 0.0
     for batch in batches:
-        s, n, _ = eval_step(params, batch)
+        s, n, _ = eval_step(params, batch, *frozen)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
@@ -333,10 +389,10 @@ def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True)
 
     hf, args = check_model(cfg)
     mesh, dp = make_checked_mesh(cfg, devices)
-    _, _, state, _, _ = aot.abstract_state(args, cfg, mesh)
+    _, _, state, _, _, frozen = aot.abstract_state(args, cfg, mesh)
     params = state["params"]
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    n_params = sum(x.size for _, x in leaves)
+    n_params = lora.count(params) + (lora.count(frozen) if frozen is not None else 0)
     memory = memory_estimate(params, state["opt_state"], args, cfg.train.batch_size // (dp * cfg.train.grad_accum),
                              cfg.data.seq_len, jnp.dtype(DTYPES[cfg.model.compute_dtype]).itemsize, cfg.model.remat)
     lines = ["config (resolved):"] + ["  " + x for x in config_yaml(cfg).splitlines()]
@@ -349,7 +405,10 @@ def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True)
     for path, x in sorted(leaves, key=lambda kv: -kv[1].size)[:5]:
         lines.append(f"  {jax.tree_util.keystr(path)}  {list(x.shape)} -> {x.sharding.spec} -> "
                      f"{list(x.sharding.shard_shape(x.shape))} ({shard_bytes(x) / 2**20:,.2f} MiB)")
+    lines += parallel.check_unsplit(nnx.state(abstract_model(args)), mesh, cfg.mesh.strict)
     lines.append(f"memory estimate: {memory_line(memory)}")
+    if frozen is not None:
+        lines.append(lora.summary_line(state["params"], frozen, cfg.lora))
     if compile_step:
         longest, most, how = data_bounds(cfg)
         spec = StepSpec.of(cfg, mesh.devices.flat[0].platform, longest, most)
@@ -357,6 +416,8 @@ def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True)
         try:
             step = aot.compile_train_step(args, cfg, mesh, spec)
             lines.append(step.line)
+            if frozen is not None:
+                lines.append(lora.memory_line(step.params, step.frozen, step.opt_state, step.memory(), cfg.lora))
         except Exception as e:  # noqa: BLE001 - the estimate above stands; say why there is no compiled number
             lines.append(f"compiled step: not available ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})")
     lines.append(f"run dir: {cfg.run.dir} (not created: dry run)")
@@ -407,15 +468,23 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
         check_run_dir_writable(run_dir)
         run.enter_context(rundir.RunLock(run_dir))  # before the checkpointer cleans up, or anything is written
     mesh, dp = make_checked_mesh(cfg, devices)
+    for line in parallel.check_unsplit(nnx.state(abstract_model(model_args(hf_config, cfg))), mesh, cfg.mesh.strict):
+        info(line)
     if cfg.train.batch_size % jax.process_count():
         raise ConfigError(f"config key 'train.batch_size' must be divisible by the process count {jax.process_count()}")
     local_batch = cfg.train.batch_size // jax.process_count()
     tokenizer = load_tokenizer(cfg.model.path)
 
-    model, graphdef, state, tx, schedule = init_state(cfg.model, cfg.optimizer, cfg.train.steps, mesh)
+    frozen = None  # LoRA: the frozen base; the state's params are then the adapters
+    if lora.enabled(cfg.lora):
+        args, graphdef, state, frozen, tx, schedule = init_lora_state(cfg, mesh)
+    else:
+        model, graphdef, state, tx, schedule = init_state(cfg.model, cfg.optimizer, cfg.train.steps, mesh)
+        args = model.args
+    base_args = () if frozen is None else (frozen,)  # the extra argument of LoRA's steps
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    step_flops = flops.train_flops_per_position(state["params"], model.args, cfg.data.seq_len) * (
+    n_params = lora.count(state["params"]) + (lora.count(frozen) if frozen is not None else 0)
+    step_flops = flops.train_flops_per_position(state["params"], args, cfg.data.seq_len, frozen) * (
         cfg.train.batch_size * cfg.data.seq_len)
     peak = flops.peak_flops(list(mesh.devices.flat), cfg.model.compute_dtype, cfg.train.peak_tflops)
 
@@ -438,6 +507,8 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
     max_segment_len = parallel.global_max(data_iter.longest)
     most = parallel.global_max(data_iter.most_trained)
     spec = StepSpec.of(cfg, mesh.devices.flat[0].platform, max_segment_len, most)
+    if frozen is not None:  # before anything is restored: a resume must find the base its adapters know
+        lora.check_base(run_dir, cfg, resuming=bool(start))
     if start:
         check_same_model(ckpt, start, state["params"], cfg, run_dir)
         changes = rundir.check_resume(run_dir, rundir.saved_config(run_dir) or ckpt.read_config(start), cfg, start,
@@ -456,33 +527,45 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
                      tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project, config=to_dict(cfg),
                      progress=cfg.run.progress)
     run.callback(log.close)
-    memory = memory_estimate(state["params"], state["opt_state"], model.args,
+    memory = memory_estimate(state["params"], state["opt_state"], args,
                              cfg.train.batch_size // (dp * cfg.train.grad_accum), cfg.data.seq_len,
                              jnp.dtype(DTYPES[cfg.model.compute_dtype]).itemsize, cfg.model.remat)
     for line in summary_lines(model_path=cfg.model.path, model_type=hf_config.get("model_type", "?"),
                               n_params=n_params, mesh=dict(mesh.shape), global_batch=cfg.train.batch_size,
                               seq_len=cfg.data.seq_len, grad_accum=cfg.train.grad_accum,
                               steps=(start, cfg.train.steps), memory=memory, run_dir=run_dir,
-                              param_dtype=cfg.model.param_dtype):
+                              param_dtype=cfg.model.param_dtype if frozen is None else cfg.lora.base_dtype):
         info(line)
+    if frozen is not None:
+        info(lora.summary_line(state["params"], frozen, cfg.lora))
     if peak:
         info(f"MFU counts {step_flops / 1e12:.3g} TFLOP per step against a peak of {peak / 1e12:.3g} TFLOP/s"
              + (" (measured CPU matmul)" if mesh.devices.flat[0].platform == "cpu" and not cfg.train.peak_tflops else ""))
 
-    step_fn = make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec)
+    base_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+    step_fn = make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec, base_shardings, cfg.train.seed)
     # Compiled ahead of the loop, exactly as `--dry-run` and `jaxsft compile` compile it (same
     # spec, same program fingerprint).
-    lowered = step_fn.lower(state, parallel.abstract_batch(cfg.train.batch_size, cfg.data.seq_len, mesh))
+    lowered = step_fn.lower(state, parallel.abstract_batch(cfg.train.batch_size, cfg.data.seq_len, mesh), *base_args)
     t_compile = time.perf_counter()
     step_fn = lowered.compile()
     info(step_line(spec, lowered, step_fn, time.perf_counter() - t_compile))
     eval_fn = None
+    generate_fn = evalgen.make(cfg, tokenizer, mesh)  # train.eval_generate_every; None when off
+
+    def generation_metrics() -> dict:
+        """`eval_<metric>` of greedy generations by the model as the loop holds it now."""
+        params = state["params"] if frozen is None else lora.combine(frozen, state["params"])
+        return generate_fn(nnx.merge(graphdef, params))
+
     if eval_data is not None:
-        eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], eval_spec(cfg, mesh, eval_data))
+        eval_fn = make_eval_step(graphdef, mesh, state_shardings["params"], eval_spec(cfg, mesh, eval_data),
+                                 base_shardings)
         # Put on the devices once: the same held-out batches serve every evaluation.
         eval_data = [parallel.global_batch(b, mesh) for b in eval_data]
         if start == 0:
-            log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data)})
+            log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data, *base_args)}
+                      | (generation_metrics() if generate_fn else {}))
 
     last: dict = {}
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -493,7 +576,7 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
             for step in range(start, cfg.train.steps):
                 local = next(data_iter)
                 check_batch_bounds(step + 1, local, max_segment_len, most)
-                state, metrics = step_fn(state, parallel.global_batch(local, mesh))
+                state, metrics = step_fn(state, parallel.global_batch(local, mesh), *base_args)
                 steps_since += 1
                 done = step + 1
                 is_last = done == cfg.train.steps
@@ -504,6 +587,7 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
                 preempted = preemption.reached(done)
                 log_now = done % cfg.train.log_every == 0 or is_last
                 eval_now = eval_fn is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last)
+                generate_now = generate_fn is not None and (done % cfg.train.eval_generate_every == 0 or is_last)
                 # checkpoint.keep_best: every evaluated step is saved with its eval_loss, so the best can be kept.
                 save_now = done % cfg.checkpoint.every == 0 or is_last or preempted or (eval_now and cfg.checkpoint.keep_best)
                 # A save that failed in the background (a full disk) stops the run before this step
@@ -525,7 +609,9 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
                     if skipped:
                         record["skipped_steps"] = skipped
                 if eval_now:
-                    record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data)}
+                    record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data, *base_args)}
+                if generate_now:
+                    record = (record or {"step": done}) | generation_metrics()
                 if record is not None:
                     log.write(record)
                     last = record

@@ -6,6 +6,11 @@ Llama-architecture model of ~34M parameters (8 layers, width 512, GQA 8/4, MLP 2
 sequence length 512, batch 8, float32, packed rows, completion-only loss, on the demo's data.
 
     .venv/bin/python tools/bench_train.py [--steps 13] [--rounds 1] [--skip-trl]
+    .venv/bin/python tools/bench_train.py --lora [--rank 16]   # + jaxsft LoRA vs TRL with a peft LoRA adapter
+
+With `--lora` each round runs jaxsft's full fine-tuning, jaxsft LoRA (rank `--rank`, alpha 2x rank,
+all seven projections, no dropout) and TRL + peft with the same adapter (tools/peers/trl_peft_bench.py,
+the shared TRL script plus `peft_config`); the ratio column is then against TRL + peft.
 
 Both tools train for `--steps` steps; the first 3 are warm-up (compilation) and are not counted.
 tokens/s is packed positions per second (batch x seq / median step time), as the TRL script
@@ -44,13 +49,14 @@ def build_model(out: Path, data: Path) -> Path:
     return out
 
 
-def run_jaxsft(model: Path, data: Path, run_dir: Path, steps: int, batch: int, seq: int, remat: str) -> dict:
+def run_jaxsft(model: Path, data: Path, run_dir: Path, steps: int, batch: int, seq: int, remat: str,
+               extra: tuple[str, ...] = ()) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "jaxsft.cli", "train", str(ROOT / "configs" / "demo.yaml"), f"model.path={model}",
            f"data.train=[{data}]", "data.eval=[]", f"data.seq_len={seq}", f"train.batch_size={batch}",
            f"train.steps={steps}", "train.log_every=1", "mesh.fsdp=1", f"model.remat={remat}",
            "optimizer.lr=1e-4", "optimizer.warmup_steps=0", "checkpoint.every=100000",
-           f"run.dir={run_dir}", "run.export="]
+           f"run.dir={run_dir}", "run.export=", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -61,9 +67,10 @@ def run_jaxsft(model: Path, data: Path, run_dir: Path, steps: int, batch: int, s
             "loss": (lines[0]["loss"], lines[-1]["loss"])}
 
 
-def run_trl(script: Path, python: str, model: Path, data: Path, steps: int, batch: int, seq: int) -> dict:
+def run_trl(script: Path, python: str, model: Path, data: Path, steps: int, batch: int, seq: int,
+            extra: tuple[str, ...] = ()) -> dict:
     out = subprocess.run([python, str(script), str(model), str(data), "--steps", str(steps), "--batch", str(batch),
-                          "--seq", str(seq)], check=True, capture_output=True, text=True)
+                          "--seq", str(seq), *extra], check=True, capture_output=True, text=True)
     m = re.search(r"trl tokens_per_s=([\d.]+) step_s=([\d.]+)", out.stdout)
     if not m:
         raise RuntimeError(f"unexpected TRL output:\n{out.stdout}\n{out.stderr[-2000:]}")
@@ -83,7 +90,13 @@ def main() -> None:
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="run both tools this many times, alternating; "
                     "the table shows each tool's median run")
+    ap.add_argument("--lora", action="store_true", help="also jaxsft LoRA, against TRL + peft LoRA")
+    ap.add_argument("--rank", type=int, default=16)
     a = ap.parse_args()
+    lora_jaxsft = ("lora.rank=%d" % a.rank, "lora.alpha=%d" % (2 * a.rank), "lora.base_dtype=float32")
+    lora_trl = ("--rank", str(a.rank), "--alpha", str(2 * a.rank))
+    if a.lora and a.trl_script == DEFAULT_TRL:
+        a.trl_script = ROOT / "tools" / "peers" / "trl_peft_bench.py"
 
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
@@ -103,12 +116,16 @@ def main() -> None:
     if not a.skip_trl and not a.trl_script.is_file():
         sys.exit(f"bench_train: TRL peer script not found at {a.trl_script} (pass --trl-script or --skip-trl)")
     # Rounds alternate the tools, so that a slow spell of a shared machine does not land on one alone.
-    ours_runs, trl_runs = [], []
+    ours_runs, lora_runs, trl_runs = [], [], []
     t = time.time()
     for _ in range(a.rounds):
         ours_runs.append(run_jaxsft(model, a.data, ROOT / "runs" / "bench-jaxsft", a.steps, a.batch, a.seq, a.remat))
+        if a.lora:
+            lora_runs.append(run_jaxsft(model, a.data, ROOT / "runs" / "bench-jaxsft-lora", a.steps, a.batch, a.seq,
+                                        a.remat, lora_jaxsft))
         if not a.skip_trl:
-            trl_runs.append(run_trl(a.trl_script, a.trl_python, model, a.data, a.steps, a.batch, a.seq))
+            trl_runs.append(run_trl(a.trl_script, a.trl_python, model, a.data, a.steps, a.batch, a.seq,
+                                    lora_trl if a.lora else ()))
     wall = time.time() - t
 
     def median_run(runs):
@@ -116,7 +133,17 @@ def main() -> None:
         return next(r for r in runs if r["tokens_per_s"] == best)
 
     ours = median_run(ours_runs)
-    rows = [("jaxsft", ours)] + ([("Hugging Face TRL", median_run(trl_runs))] if trl_runs else [])
+    rows = [("jaxsft" + (" full fine-tuning" if a.lora else ""), ours)]
+    if lora_runs:
+        rows.append((f"jaxsft LoRA r{a.rank}", median_run(lora_runs)))
+    if trl_runs:
+        rows.append(("Hugging Face TRL" + (f" + peft LoRA r{a.rank}" if a.lora else ""), median_run(trl_runs)))
+    # FLOPs of a LoRA step: the frozen kernels 4N (no weight gradients), the adapters 6N.
+    lora_params = 2 * a.rank * args.num_layers * (3 * args.hidden_size + (args.num_heads + 2 * args.num_kv_heads)
+                                                  * args.head_dim + 2 * args.hidden_size + 2 * args.intermediate_size
+                                                  + args.num_heads * args.head_dim) if a.lora else 0
+    attention = 12 * args.num_layers * args.num_heads * args.head_dim * a.seq
+    lora_flops = (flops_per_pos - attention) * 4 / 6 + 6 * lora_params + attention
 
     peak = max(peak, flops.measured_cpu_peak_flops(seconds=3.0))  # before and after: the best of both
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -127,15 +154,20 @@ def main() -> None:
     print(f"jaxsft loss {ours['loss'][0]:.3f} -> {ours['loss'][1]:.3f} over {a.steps} steps; {a.rounds} round(s), "
           f"{wall:.0f} s wall")
     if trl_runs and a.rounds > 1:
-        print("per round jaxsft/TRL: " + ", ".join(f"{o['tokens_per_s']:,.0f}/{r['tokens_per_s']:,.0f} = "
-                                                    f"{o['tokens_per_s'] / r['tokens_per_s']:.2f}x"
-                                                    for o, r in zip(ours_runs, trl_runs)))
+        compared = lora_runs or ours_runs
+        print(f"per round jaxsft{' LoRA' if a.lora else ''}/TRL: " + ", ".join(
+            f"{o['tokens_per_s']:,.0f}/{r['tokens_per_s']:,.0f} = {o['tokens_per_s'] / r['tokens_per_s']:.2f}x"
+            for o, r in zip(compared, trl_runs)))
+    if lora_runs:
+        r = median_run(lora_runs)
+        print(f"jaxsft LoRA loss {r['loss'][0]:.3f} -> {r['loss'][1]:.3f}; LoRA step / full step "
+              f"{r['step_s'] / ours['step_s']:.2f}; MFU of LoRA counts 4N (frozen) + 6N (adapters) + 12LHT")
     print()
     print("| tool | tokens/s | step (s) | MFU | vs TRL |")
     print("|---|---:|---:|---:|---:|")
-    trl_tps = rows[1][1]["tokens_per_s"] if len(rows) > 1 else None
+    trl_tps = rows[-1][1]["tokens_per_s"] if trl_runs else None
     for name, r in rows:
-        mfu = r["tokens_per_s"] * flops_per_pos / peak
+        mfu = r["tokens_per_s"] * (lora_flops if "LoRA" in name else flops_per_pos) / peak
         ratio = f"{r['tokens_per_s'] / trl_tps:.2f}x" if trl_tps else "-"
         print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {100 * mfu:.1f}% | {ratio} |")
 
