@@ -24,6 +24,7 @@ soft-caps and RoPE apply, with the cache slots as keys (`CausalLM.decode`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -147,8 +148,10 @@ class Linear(nnx.Module):
             ins = [i for i, c in enumerate(kernel_spec) if c not in output]
             outs = [i for i, c in enumerate(kernel_spec) if c in output]
             rows = "".join(c for c in x_spec if c not in kernel_spec)
-            self.lora_specs = (f"{x_spec},{''.join(kernel_spec[i] for i in ins)}R->{rows}R",
-                               f"{rows}R,R{''.join(kernel_spec[i] for i in outs)}->{output}")
+            # x is `rows + inputs` and y `rows + outputs`, in the kernel's order: the adapters are then
+            # two plain 2-D matmuls (3-D einsums of a rank-16 operand ran 3.5x slower on the CPU).
+            assert x_spec == rows + "".join(kernel_spec[i] for i in ins), spec
+            assert output == rows + "".join(kernel_spec[i] for i in outs), spec
             a_dims, b_dims = list(range(lead)) + [lead + i for i in ins], [lead + i for i in outs]
             lora_a = nnx.Param(jnp.zeros(tuple(shape[i] for i in a_dims) + (lora_rank,), jnp.float32),
                                axes=tuple(axes[i] for i in a_dims) + ("lora_rank",))
@@ -157,6 +160,7 @@ class Linear(nnx.Module):
                                axes=tuple(axes[i] for i in range(lead)) + ("lora_rank",) + tuple(axes[i] for i in b_dims))
         self.lora_a, self.lora_b = lora_a, lora_b
         self.lora_scale, self.lora_dropout = lora_scale, lora_dropout
+        self.lora_rows = len(rows) if lora_rank else 0
 
     def weight(self, dtype) -> jax.Array:
         """The kernel in `dtype` (dequantized when the frozen base is quantized)."""
@@ -168,9 +172,11 @@ class Linear(nnx.Module):
         if key is not None and self.lora_dropout > 0:
             keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
-        a_spec, b_spec = self.lora_specs
-        xa = jnp.einsum(a_spec, x, self.lora_a[...].astype(x.dtype))
-        return jnp.einsum(b_spec, xa * jnp.asarray(self.lora_scale, x.dtype), self.lora_b[...].astype(x.dtype))
+        a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+        rows = x.shape[:self.lora_rows]
+        xa = x.reshape(math.prod(rows), -1) @ a.reshape(-1, a.shape[-1])
+        y = (xa * jnp.asarray(self.lora_scale, x.dtype)) @ b.reshape(b.shape[0], -1)
+        return y.reshape(*rows, *b.shape[1:])
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         y = jnp.einsum(self.spec, x, self.weight(x.dtype))
