@@ -31,7 +31,7 @@ def overrides(model_dir, run_dir) -> list[str]:
     # data.shards=2 on every process count (2 processes default to it): the same global batches.
     return [f"model.path={model_dir}", "data.seq_len=128", "data.shards=2", f"train.steps={STEPS}",
             "train.batch_size=8", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
-            "train.eval_generate_every=0", "checkpoint.every=2", f"run.dir={run_dir}", "run.export=", "mesh.fsdp=-1"]
+            "train.eval_generate_every=0", "checkpoint.every=2", "checkpoint.keep=2", f"run.dir={run_dir}", "run.export=", "mesh.fsdp=-1"]
 
 
 @pytest.fixture(scope="module")
