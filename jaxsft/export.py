@@ -334,7 +334,7 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shar
         return export_adapter(source, out, dtype)
     max_bytes = parse_size(max_shard_size)
     check_new_output(out, "export")
-    reader, names = None, None
+    reader, names, run_cfg = None, None, None
     if is_hf_source(source):
         from jaxsft.train import HF_SIDE_FILES
 
@@ -342,12 +342,12 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", max_shar
         reader, files, names = SafetensorsReader(Path(source)), Path(source), HF_SIDE_FILES
     else:
         run_dir, step = resolve_source(source)
-        files = run_dir / "hf"
+        files, run_cfg = run_dir / "hf", load_config(run_dir / "config.yaml")
     if jax.process_index() == 0:
         if reader is not None:
             tensors = hf_dir_tensors(reader)
-        elif load_config(run_dir / "config.yaml").lora.rank:  # merged in memory: W + B A * alpha/rank
-            args, params = load_lora_merged(run_dir, step, load_config(run_dir / "config.yaml"))
+        elif run_cfg.lora.rank:  # merged in memory: W + B A * alpha/rank
+            args, params = load_lora_merged(run_dir, step, run_cfg)
             tensors = params_tensors(params, args.num_layers)
         else:
             tensors = hf_tensors(SavedArrays(Checkpointer(run_dir / "checkpoints", read_only=True).step_dir(step)))

@@ -138,12 +138,15 @@ def main() -> None:
         rows.append((f"jaxsft LoRA r{a.rank}", median_run(lora_runs)))
     if trl_runs:
         rows.append(("Hugging Face TRL" + (f" + peft LoRA r{a.rank}" if a.lora else ""), median_run(trl_runs)))
-    # FLOPs of a LoRA step: the frozen kernels 4N (no weight gradients), the adapters 6N.
-    lora_params = 2 * a.rank * args.num_layers * (3 * args.hidden_size + (args.num_heads + 2 * args.num_kv_heads)
-                                                  * args.head_dim + 2 * args.hidden_size + 2 * args.intermediate_size
-                                                  + args.num_heads * args.head_dim) if a.lora else 0
-    attention = 12 * args.num_layers * args.num_heads * args.head_dim * a.seq
-    lora_flops = (flops_per_pos - attention) * 4 / 6 + 6 * lora_params + attention
+    # FLOPs of a LoRA step (jaxsft.flops): the frozen kernels 4N (no weight gradients), the adapters 6N.
+    lora_flops = None
+    if a.lora:
+        from jaxsft import lora
+        from jaxsft.config import LoraConfig
+
+        lora_args = lora.model_args(args, LoraConfig(rank=a.rank, alpha=2.0 * a.rank))
+        adapters = lora.adapters_of(nnx.to_pure_dict(nnx.split(abstract_model(lora_args))[1]))
+        lora_flops = flops.train_flops_per_position(adapters, args, a.seq, frozen=params)
 
     peak = max(peak, flops.measured_cpu_peak_flops(seconds=3.0))  # before and after: the best of both
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
