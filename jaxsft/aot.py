@@ -1,4 +1,6 @@
-"""Ahead-of-time compilation of the real train step, with abstract inputs.
+"""Ahead-of-time compilation of the real train step, with abstract inputs, and the reports built
+on it: `train --dry-run` (`dry_run`, this host's devices) and `jaxsft compile` (`compile_report`,
+a TPU topology described from a CPU host).
 
 Nothing is loaded or allocated: the parameters, optimizer state and batch are `ShapeDtypeStruct`s
 carrying the shardings training would give them, so the compiled step's `memory_analysis()` and
@@ -19,11 +21,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsft import lora, parallel
-from jaxsft.config import Config
-from jaxsft.models import DTYPES, abstract_model
-from jaxsft.stepspec import StepSpec, data_bounds, step_line
-from jaxsft.train import frozen_shardings, make_optimizer, make_train_step, model_args, opt_state_shardings
+from jaxsft import flops, lora, parallel
+from jaxsft.config import Config, config_yaml
+from jaxsft.errors import ConfigError
+from jaxsft.models import DTYPES, abstract_model, read_hf_config
+from jaxsft.monitor import memory_estimate, memory_line, shard_bytes
+from jaxsft.stepspec import StepSpec, compiled_memory, data_bounds, step_line
+from jaxsft.train import (check_model, frozen_shardings, make_optimizer, make_train_step, model_args,
+                          opt_state_shardings)
 
 
 @dataclass
@@ -39,11 +44,8 @@ class CompiledStep:
     opt_state: Any = None
 
     def memory(self) -> dict[str, int]:
-        """Per-device bytes of the compiled step: arguments, outputs, temporaries, generated code."""
-        m = self.compiled.memory_analysis()
-        return {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-                "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
-                "code": m.generated_code_size_in_bytes}
+        """Per-device bytes of the compiled step (`jaxsft.stepspec.compiled_memory`)."""
+        return compiled_memory(self.compiled)
 
 
 def _with_sharding(tree: Any, shardings: Any) -> Any:
@@ -97,6 +99,50 @@ def compile_train_step(model: dict | Any, cfg: Config, mesh: Mesh, spec: StepSpe
                         frozen, state["opt_state"])
 
 
+# --------------------------------------------------------------------------- train --dry-run
+
+def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True) -> list[str]:
+    """What `train` would run, without loading weights or writing anything: the resolved config,
+    parameter count, mesh, shardings of the largest parameters and memory per device (the estimate
+    from the shardings; with `compile_step`, also the step `train` compiles, for this host's
+    devices on abstract inputs, with the data's bounds when `data.train` is at hand)."""
+    hf, args = check_model(cfg)
+    mesh, dp = parallel.checked_mesh(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum, devices)
+    _, _, state, _, _, frozen = abstract_state(args, cfg, mesh)
+    params = state["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    n_params = lora.count(params) + (lora.count(frozen) if frozen is not None else 0)
+    memory = memory_estimate(params, state["opt_state"], args, cfg.train.batch_size // (dp * cfg.train.grad_accum),
+                             cfg.data.seq_len, jnp.dtype(DTYPES[cfg.model.compute_dtype]).itemsize, cfg.model.remat)
+    lines = ["config (resolved):"] + ["  " + x for x in config_yaml(cfg).splitlines()]
+    lines += [f"model: {hf.get('model_type', '?')}, {n_params:,} parameters ({cfg.model.param_dtype}), "
+              f"{args.num_layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}",
+              f"mesh: {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices | global batch "
+              f"{cfg.train.batch_size} x {cfg.data.seq_len}, {cfg.train.batch_size // dp} rows per data-parallel "
+              f"rank, grad_accum {cfg.train.grad_accum}",
+              "largest parameters (global shape -> partition spec -> per-device shard):"]
+    for path, x in sorted(leaves, key=lambda kv: -kv[1].size)[:5]:
+        lines.append(f"  {jax.tree_util.keystr(path)}  {list(x.shape)} -> {x.sharding.spec} -> "
+                     f"{list(x.sharding.shard_shape(x.shape))} ({shard_bytes(x) / 2**20:,.2f} MiB)")
+    lines += parallel.check_unsplit(nnx.state(abstract_model(args)), mesh, cfg.mesh.strict)
+    lines.append(f"memory estimate: {memory_line(memory)}")
+    if frozen is not None:
+        lines.append(lora.summary_line(state["params"], frozen, cfg.lora))
+    if compile_step:
+        longest, max_trained, how = data_bounds(cfg)
+        spec = StepSpec.of(cfg, mesh.devices.flat[0].platform, longest, max_trained)
+        lines.append(f"step bounds: {how}")
+        try:
+            step = compile_train_step(args, cfg, mesh, spec)
+            lines.append(step.line)
+            if frozen is not None:
+                lines.append(lora.memory_line(step.params, step.frozen, step.opt_state, step.memory(), cfg.lora))
+        except Exception as e:  # noqa: BLE001 - the estimate above stands; say why there is no compiled number
+            lines.append(f"compiled step: not available ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})")
+    lines.append(f"run dir: {cfg.run.dir} (not created: dry run)")
+    return lines
+
+
 # --------------------------------------------------------------------------- TPU topologies
 
 @dataclass(frozen=True)
@@ -119,8 +165,6 @@ TPU_CHIPS = {
 
 def parse_topology(name: str) -> tuple[str, str, int]:
     """`v5p-8` -> `("v5p", "2x2x1", 4 chips)`; `v5e:2x4` is taken as written."""
-    from jaxsft.errors import ConfigError
-
     generation, _, size = name.replace(":", "-", 1).partition("-")
     if generation not in TPU_CHIPS:
         raise ConfigError(f"--topology {name!r}: unknown TPU generation; known: {', '.join(TPU_CHIPS)}")
@@ -144,8 +188,6 @@ def parse_topology(name: str) -> tuple[str, str, int]:
 
 def topology_devices(name: str) -> tuple[list, str, int]:
     """The devices of a TPU slice described on this host (libtpu, no TPU needed): `(devices, generation, chips)`."""
-    from jaxsft.errors import ConfigError
-
     generation, shape, chips = parse_topology(name)
     try:
         from jax.experimental import topologies
@@ -176,21 +218,15 @@ def _gib(n: float) -> str:
 def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
     """Compiles the run's train step for a TPU topology from this host; returns report lines and
     whether the step fits in HBM. Raises `ConfigError` when the TPU compiler finds it does not fit."""
-    from jaxsft import flops
-    from jaxsft.errors import ConfigError
-    from jaxsft.models import read_hf_config
 
     devices, generation, chips = topology_devices(topology)
     chip = TPU_CHIPS[generation]
-    mesh = parallel.make_mesh(cfg.mesh, devices)
-    if cfg.train.batch_size % (parallel.data_parallel_size(mesh) * cfg.train.grad_accum):
-        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
-                          f"data-parallel size ({parallel.data_parallel_size(mesh)}) x train.grad_accum")
+    mesh, _ = parallel.checked_mesh(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum, devices)
     args = model_args(read_hf_config(cfg.model.path), cfg)
     per_chip = len(devices) // chips  # devices per chip (v4 shows its two TensorCores as devices)
     unsplit = parallel.check_unsplit(nnx.state(abstract_model(args)), mesh, cfg.mesh.strict)
-    longest, most, how = data_bounds(cfg)
-    spec = StepSpec.of(cfg, devices[0].platform, longest, most)
+    longest, max_trained, how = data_bounds(cfg)
+    spec = StepSpec.of(cfg, devices[0].platform, longest, max_trained)
     try:
         step = compile_train_step(args, cfg, mesh, spec)
     except Exception as e:  # the TPU compiler's own out-of-memory report names the largest buffers
@@ -201,8 +237,7 @@ def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
                               f"chip); the TPU compiler says:\n  " + "\n  ".join(lines)) from None
         raise
     mem = step.memory()
-    need_device = mem["argument"] + mem["temp"] + mem["output"] - mem["alias"] + mem["code"]
-    need_chip, hbm_chip = need_device * per_chip, chip.hbm_gib * 2**30
+    need_chip, hbm_chip = mem["total"] * per_chip, chip.hbm_gib * 2**30
     fits = need_chip <= hbm_chip
 
     n_params = lora.count(step.params) + (lora.count(step.frozen) if step.frozen is not None else 0)

@@ -20,9 +20,20 @@ import sys
 from jaxsft.errors import Interrupted, JaxsftError
 
 
+def _out_and_dtype(command: argparse.ArgumentParser) -> None:
+    """The OUT directory and --dtype of the commands that write a Hugging Face directory."""
+    from jaxsft.hfwrite import DTYPES
+
+    command.add_argument("out", help="output directory (must not exist or be empty)")
+    command.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxsft", description="Supervised fine-tuning of Hugging Face models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
+    # One add_parser / add_argument call per command and option: runs of them share a shape (the
+    # `duplicates` tool pairs export's with train's) but each states its own option; the two that
+    # are the same for several commands are `_out_and_dtype`.
     t = sub.add_parser("train", help="fine-tune (or resume) the run a config describes")
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -36,8 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a Hugging Face model directory from a run or checkpoint")
     e.add_argument("source", help="run directory (newest checkpoint), one checkpoint directory, or a Hugging Face "
                                    "directory (copied in --dtype)")
-    e.add_argument("out", help="output directory (must not exist or be empty)")
-    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    _out_and_dtype(e)
     e.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB (default), 500MB, 2GiB; above it, shards plus an index")
     e.add_argument("--adapter", action="store_true",
@@ -45,8 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                         "instead of merged weights")
     ig = sub.add_parser("import-gguf", help="write a Hugging Face model directory from a GGUF file (dequantized)")
     ig.add_argument("gguf", help="GGUF file (needs the gguf package: pip install \"jaxsft[gguf]\")")
-    ig.add_argument("out", help="output directory (must not exist or be empty)")
-    ig.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    _out_and_dtype(ig)
     c = sub.add_parser("compile", help="compile the train step for a TPU topology from this host: fits? how fast?")
     c.add_argument("config", help="YAML config file (model.path needs only config.json)")
     c.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             if args.dry_run:
-                from jaxsft.train import dry_run
+                from jaxsft.aot import dry_run
 
                 print("\n".join(dry_run(cfg)))
                 return 0

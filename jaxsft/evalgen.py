@@ -20,6 +20,7 @@ from typing import Callable
 import jax
 
 from jaxsft.config import Config
+from jaxsft.evaluate import held_out, metric_functions, score
 from jaxsft.generate import LoadedModel, stop_token_ids
 from jaxsft.models import CausalLM
 from jaxsft.monitor import info
@@ -28,8 +29,6 @@ from jaxsft.monitor import info
 def make(cfg: Config, tokenizer, mesh: jax.sharding.Mesh) -> Callable[[CausalLM], dict[str, float]] | None:
     """The evaluation `fn(model) -> {"eval_<metric>": value}` of `train.eval_generate_every`, or None
     when it is off (0) or there is no held-out data (`data.eval`) or no metric to compute."""
-    from jaxsft.evaluate import held_out, metric_functions, score  # evaluate imports train, which imports this
-
     if not cfg.train.eval_generate_every or not cfg.data.eval:
         return None
     fns = metric_functions(cfg.eval)

@@ -25,7 +25,6 @@ import dataclasses
 import importlib
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -35,14 +34,16 @@ from flax import nnx
 
 from jaxsft import parallel
 from jaxsft.config import Config, EvalConfig
-from jaxsft.data.pipeline import eval_batches
+from jaxsft.data.pipeline import eval_batches, process_batch
 from jaxsft.data.render import Renderer
 from jaxsft.data.sources import open_source
 from jaxsft.errors import ConfigError
-from jaxsft.generate import LoadedModel, is_run_source, load_model
 from jaxsft.fewshot import FewShot, answer_span, choose_shots, max_prompt_tokens
+from jaxsft.generate import LoadedModel, load_model
+from jaxsft.loss import make_eval_step
 from jaxsft.monitor import info
-from jaxsft.train import eval_spec, make_eval_step
+from jaxsft.rundir import run_source
+from jaxsft.stepspec import eval_spec
 
 
 # --------------------------------------------------------------------------- metrics
@@ -170,13 +171,15 @@ def held_out(cfg: Config, tokenizer, limit: int = 0, fewshot: FewShot | None = N
 # --------------------------------------------------------------------------- one model
 
 
-def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
-    """Loss, perplexity and token accuracy over every trained token of the held-out set."""
+def completion_loss(loaded: LoadedModel, cfg: Config, mesh, records: list[dict] | None = None) -> dict[str, float]:
+    """Loss, perplexity and token accuracy over every trained token of the held-out set (or of
+    `records`, rendered as `cfg.data` says)."""
     graphdef, params = nnx.split(loaded.model)
     params = nnx.to_pure_dict(params)
-    batches = eval_batches(cfg.data, loaded.tokenizer, local_batch=cfg.train.batch_size // jax.process_count(),
+    local_batch = process_batch(cfg.train.batch_size, jax.process_count())
+    batches = eval_batches(cfg.data, loaded.tokenizer, local_batch=local_batch,
                            process_index=jax.process_index(), process_count=jax.process_count(),
-                           max_batches=cfg.train.eval_batches)
+                           max_batches=cfg.train.eval_batches, records=records)
     # Attention skips keys further back than the longest example of these rows, and the loss reads
     # only as many positions per row as the most trained targets of one: training's eval step.
     step = make_eval_step(graphdef, mesh, jax.tree.map(lambda x: x.sharding, params),
@@ -191,14 +194,9 @@ def completion_loss(loaded: LoadedModel, cfg: Config, mesh) -> dict[str, float]:
 
 def fewshot_loss(loaded: LoadedModel, cfg: Config, mesh, items: list[HeldOut], fewshot: FewShot) -> dict[str, float]:
     """`completion_loss` over the rewritten held-out records: each answer with its shots before it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "eval_fewshot.jsonl"
-        path.write_text("".join(json.dumps({k: v for k, v in it.record.items() if k != "_where"}, ensure_ascii=False,
-                                           default=str) + "\n" for it in items))
-        # Longer rows than training's where the shots need them: an answer is never cut off.
-        data = dataclasses.replace(fewshot.rewritten_data, eval=(str(path),),
-                                   seq_len=max(cfg.data.seq_len, fewshot.longest - 1))
-        return completion_loss(loaded, dataclasses.replace(cfg, data=data), mesh)
+    # Longer rows than training's where the shots need them: an answer is never cut off.
+    data = dataclasses.replace(fewshot.rewritten_data, seq_len=max(cfg.data.seq_len, fewshot.longest - 1))
+    return completion_loss(loaded, dataclasses.replace(cfg, data=data), mesh, [it.record for it in items])
 
 
 def evaluate_model(loaded: LoadedModel, cfg: Config, mesh, fewshot: FewShot | None = None) -> dict:
@@ -367,7 +365,8 @@ def run_eval(cfg: Config, model: str, baseline: str | None = None, out: str | No
     report = {"data": list(cfg.data.eval), "num_prompts": n, "decoding": decoding, "models": models,
               "examples": rows[:g.examples]}
     report["verdict"] = verdict(report)
-    out_dir = Path(out) if out else (_run_dir(model) or Path(cfg.run.dir))
+    run = run_source(model)  # a run's report goes into its run directory
+    out_dir = Path(out) if out else (run[0] if run else Path(cfg.run.dir))
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -377,11 +376,3 @@ def run_eval(cfg: Config, model: str, baseline: str | None = None, out: str | No
         info(f"eval report: {out_dir / 'eval_report.md'} and .json, generations in {out_dir / 'eval_generations.jsonl'}")
     report["out_dir"] = str(out_dir)
     return report
-
-
-def _run_dir(source: str) -> Path | None:
-    """The run directory of a run or checkpoint source; None for a Hugging Face directory."""
-    if not is_run_source(source):
-        return None
-    path = Path(source)
-    return path if (path / "config.yaml").is_file() else path.parent.parent

@@ -35,6 +35,8 @@ from jaxsft.data.tokens import Tokens
 from jaxsft.errors import JaxsftError
 from jaxsft.models import DTYPES, CausalLM, abstract_model, from_pretrained
 from jaxsft.models.decoder import KVCache
+from jaxsft.rundir import run_source
+from jaxsft.runmodel import load_checkpoint
 
 # Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Gemma, Phi-3),
 # besides the tokenizer's eos: generation stops at any of them that the vocabulary has.
@@ -226,20 +228,11 @@ class LoadedModel:
         return [self.text(ids, cfg) for ids in self.generate_ids(prompts, cfg)]
 
 
-def is_run_source(source: str | Path) -> bool:
-    """Whether `source` is a run directory or one of its checkpoints (not a Hugging Face directory)."""
-    source = Path(source)
-    return (source / "config.yaml").is_file() or (source.name.isdigit() and
-                                                   (source.parent.parent / "config.yaml").is_file())
-
-
 def load_model(source: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str = "float32",
                compute_dtype: str | None = None) -> LoadedModel:
     """Loads a Hugging Face directory (in `dtype`), a run directory (its newest checkpoint) or one
     checkpoint directory (in the run's dtype), with its tokenizer, placed on `mesh` when given."""
-    if is_run_source(source):
-        from jaxsft.export import load_checkpoint
-
+    if run_source(source) is not None:
         run_dir, _, args, params = load_checkpoint(source)
         graphdef, abstract_state = nnx.split(abstract_model(args))
         if mesh is not None:

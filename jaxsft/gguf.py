@@ -7,8 +7,8 @@ package: `pip install "jaxsft[gguf]"`): it maps the GGUF metadata to a config, d
 tensor and converts the GGUF tokenizer to a fast one with its chat template. `save_pretrained`
 refuses a model loaded that way, so the pieces are written here: `config.json` from the config
 (no quantization fields: the weights are plain floats now), the weights as safetensors by
-`jaxsft.export`'s writer (one tensor at a time; a tied head is the embedding, so it is not
-written twice), the tokenizer files and `generation_config.json`.
+`jaxsft.hfwrite`, as `jaxsft export` writes them (one tensor at a time; a tied head is the embedding,
+so it is not written twice), the tokenizer files and `generation_config.json`.
 
 An architecture jaxsft cannot train is refused by name before any tensor is dequantized, and the
 resulting config is checked by the same code `jaxsft.models.from_pretrained` reads it with.
@@ -23,11 +23,9 @@ import json
 from pathlib import Path
 
 from jaxsft.errors import JaxsftError, ModelError
-# The export's writer and its partial-directory convention, so both commands write alike.
-from jaxsft.export import Tensor, building, check_new_output, natural_order, parse_size, write_weights
+from jaxsft.hfwrite import Tensor, building, check_dtype, check_new_output, natural_order, parse_size, write_weights
 from jaxsft.models.families import SUPPORTED_MODEL_TYPES, args_from_hf_config
 
-DTYPES = ("float32", "bfloat16")
 
 
 def _one_line(e: BaseException) -> str:
@@ -125,8 +123,7 @@ def import_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32") 
     """Writes the Hugging Face directory `out` (which must not exist or be empty) from a GGUF file,
     its weights dequantized to `dtype`; returns `out`."""
     path, out = Path(gguf_file).absolute(), Path(out).absolute()
-    if dtype not in DTYPES:
-        raise JaxsftError(f"import-gguf dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_dtype(dtype, "import-gguf")
     if not path.is_file():
         raise ModelError(f"GGUF file not found: {path}")
     check_new_output(out, "import-gguf")

@@ -9,24 +9,23 @@ one chunk of positions at a time and recomputed in the backward pass. Small ones
 faster and costs little memory. Where no row holds more than `row_trained` trained targets
 (about half the positions of prompt-and-answer data), the head and the cross entropy read only
 that many positions per row, gathered (`trained_rows`), not the whole row.
+
+`loss_sums` is the model's loss on one batch as a step's `StepSpec` shapes it: the train step
+differentiates it, and `make_eval_step` jits it for the held-out loss (`held_out_loss`) of
+training and `jaxsft eval`, so both read the same numbers.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from jaxsft import lora, parallel
 from jaxsft.parallel import constrain
-
-
-ROW_TRAINED_MULTIPLE = 64  # the gathered positions per row, rounded up: fewer distinct shapes to compile
-
-
-def row_trained_bound(most: int, seq_len: int) -> int:
-    """`row_trained` for rows of `seq_len` holding at most `most` trained targets each: `most`
-    rounded up to a multiple of 64, or 0 (read whole rows) where that is not fewer than `seq_len`."""
-    bound = -(-most // ROW_TRAINED_MULTIPLE) * ROW_TRAINED_MULTIPLE
-    return bound if 0 < bound < seq_len else 0
+from jaxsft.stepspec import StepSpec
 
 
 def trained_rows(hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array,
@@ -96,3 +95,44 @@ def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, l
     zero = jnp.zeros((), jnp.float32)
     (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), (hs, ts, ms))
     return loss_sum, jnp.sum(ms), correct
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict, spec: StepSpec = StepSpec(), frozen: Any = None,
+              dropout_key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch, as `spec`
+    shapes it (see `jaxsft.stepspec.StepSpec`, and `cross_entropy_sums` for the chunking).
+
+    With LoRA, `params` are the adapters and `frozen` the base they join (see `jaxsft.lora`);
+    `dropout_key` drives the adapters' dropout."""
+    model = nnx.merge(graphdef, params if frozen is None else lora.combine(frozen, params))
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                 max_segment_len=spec.max_segment_len, attention_backend=spec.attention,
+                                 dropout_key=dropout_key)
+    loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"],
+                                              chunk=spec.loss_chunk, softcap=model.logit_softcap,
+                                              whole_bytes=spec.loss_whole_mib * 2**20, row_trained=spec.row_trained)
+    return loss_sum, (n, correct)
+
+
+def make_eval_step(graphdef, mesh, params_shardings, spec: StepSpec = StepSpec(), frozen_shardings: Any = None):
+    """The jitted `(params, batch) -> (loss_sum, trained_tokens, correct)` (training's held-out
+    loss and `jaxsft eval`'s completion loss); with `frozen_shardings` (LoRA),
+    `(adapters, batch, frozen) -> ...`."""
+    def step(params, batch, frozen=None):
+        with parallel.activation_sharding(mesh):
+            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, spec, frozen)
+            return loss_sum, n, correct
+    in_shardings = (params_shardings, parallel.batch_sharding(mesh))
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
+    return jax.jit(step, in_shardings=in_shardings)
+
+
+def held_out_loss(eval_step, params, batches: list[dict], *frozen) -> float:
+    """Completion loss over the held-out (global, on-device) batches: sum over trained tokens / their
+    count (`frozen`: LoRA's base, for an eval step made with `frozen_shardings`)."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        s, n, _ = eval_step(params, batch, *frozen)
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)

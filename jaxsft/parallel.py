@@ -292,6 +292,18 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in rules(mesh)["batch"] or ())
 
 
+def checked_mesh(cfg: MeshConfig, batch_size: int, grad_accum: int,
+                 devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, int]:
+    """`(mesh, data-parallel size)`, with a clear error when the global batch `batch_size` does not
+    split evenly into the data-parallel ranks times `grad_accum` micro-batches."""
+    mesh = make_mesh(cfg, devices)
+    dp = data_parallel_size(mesh)
+    if batch_size % (dp * grad_accum):
+        raise ConfigError(f"config key 'train.batch_size' ({batch_size}) must be divisible by the "
+                          f"data-parallel size mesh.data x mesh.fsdp ({dp}) times train.grad_accum ({grad_accum})")
+    return mesh, dp
+
+
 # The mesh that `constrain` uses while a step is traced; None outside (then `constrain` is a no-op).
 _ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("jaxsft_mesh", default=None)
 

@@ -35,13 +35,12 @@ import numpy as np
 
 from jaxsft.config import LORA_TARGETS
 from jaxsft.errors import JaxsftError, ModelError
-from jaxsft.export import Tensor, building, check_new_output, natural_order, write_shard
+from jaxsft.hfwrite import Tensor, building, check_dtype, check_new_output, natural_order, write_shard
 from jaxsft.models.hf_io import SafetensorsFile, hf_name, hf_shape, to_hf
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PEFT_VERSION = "0.21.2"  # the peft release whose adapter_config.json fields are written
-DTYPES = ("float32", "bfloat16")  # those export.write_shard writes
 _PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the Hugging Face model)
 _GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -105,8 +104,7 @@ def write_adapter(out_dir: str | Path, adapters: Any, *, rank: int, alpha: float
     renamed at the end, so a failure leaves nothing. `adapters` is jaxsft's adapter tree (numpy or
     fully addressable jax arrays: call it on one process), `dtype` float32 or bfloat16."""
     out = Path(out_dir).absolute()
-    if dtype not in DTYPES:
-        raise JaxsftError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_dtype(dtype, "export")
     leaves = _leaves(adapters)
     held = {path[-2] for path, _ in leaves}
     if held != set(targets):

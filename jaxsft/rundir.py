@@ -5,6 +5,7 @@
                                  the holder. A lock left by a process that died on this host is taken over.
   RUN_DIR/config.yaml            the config of the latest start; a resume compares against it
   RUN_DIR/config_history.yaml    one entry per resume that changed a guarded key (`--force-resume`)
+  RUN_DIR/hf/                    copies of the model directory's `HF_SIDE_FILES` (config, tokenizer)
 
 Resuming with other data, another model, sequence length or global batch would silently mix two
 runs in one: `check_resume` refuses it, naming each changed key, unless forced.
@@ -28,6 +29,12 @@ from jaxsft.config import Config, to_dict
 from jaxsft.errors import ConfigError, JaxsftError
 
 LOCK, HISTORY = ".lock", "config_history.yaml"
+
+# Small files of a Hugging Face directory that the run keeps a copy of in RUN_DIR/hf/, so export
+# never needs the source.
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+                 "vocab.json", "merges.txt", "added_tokens.json")
 
 # Keys a resume must not change silently: the data set, the model, and the shape of each step's batch.
 GUARDED = ("model.path", "data.train", "data.eval", "data.weights", "data.fields", "data.seq_len",
@@ -222,10 +229,38 @@ def done_step(run_dir: Path) -> int:
     writing anything."""
     if not (run_dir / "checkpoints").is_dir():
         return 0
-    from jaxsft.checkpoint import Checkpointer
+    from jaxsft.checkpoint import Checkpointer  # here: taking a lock needs no JAX
 
     ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
     try:
         return ckpt.latest_step() or 0
     finally:
         ckpt.close()
+
+
+def run_source(source: str | Path) -> tuple[Path, int | None] | None:
+    """What `source` is, as the commands that take a trained model (`export`, `generate`, `eval`)
+    read it: `(run_dir, None)` for a run directory (it holds `config.yaml`), `(run_dir, step)` for
+    one of its checkpoints (`RUN_DIR/checkpoints/STEP`), None for anything else (a Hugging Face
+    directory)."""
+    source = Path(source)
+    if (source / "config.yaml").is_file():
+        return source, None
+    if source.name.isdigit() and (source.parent.parent / "config.yaml").is_file():
+        return source.parent.parent, int(source.name)
+    return None
+
+
+def checkpoint_source(source: str | Path) -> tuple[Path, int]:
+    """`(run_dir, step)` of a run directory (its newest complete checkpoint) or a checkpoint
+    directory; an error naming `source` for anything else."""
+    found = run_source(source)
+    if found is not None and found[1] is None and (found[0] / "checkpoints").is_dir():
+        step = done_step(found[0])
+        if not step:
+            raise JaxsftError(f"{source}: the run directory holds no complete checkpoint yet")
+        return found[0], step
+    if found is not None and found[1] is not None:
+        return found
+    raise JaxsftError(f"{source}: neither a run directory (config.yaml + checkpoints/), a checkpoint "
+                      f"directory (RUN_DIR/checkpoints/STEP) nor a Hugging Face directory (config.json)")

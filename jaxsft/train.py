@@ -34,20 +34,14 @@ from jaxsft import evalgen, flops, lora, parallel, rundir
 from jaxsft.checkpoint import Checkpointer, Preemption, SavedArrays, abstract_like
 from jaxsft.config import Config, ModelConfig, OptimizerConfig, config_yaml, to_dict
 from jaxsft.data.pack import longest_segment, most_trained
-from jaxsft.data.pipeline import check_shards, eval_batches, train_batches
+from jaxsft.data.pipeline import check_shards, eval_batches, process_batch, train_batches
 from jaxsft.data.render import load_tokenizer
 from jaxsft.errors import (ConfigError, DataError, Interrupted, JaxsftError, ModelError, NonFiniteError, disk_full,
                            is_disk_full)
-from jaxsft.loss import cross_entropy_sums
+from jaxsft.loss import held_out_loss, loss_sums, make_eval_step
 from jaxsft.models import DTYPES, abstract_model, args_from_hf_config, from_pretrained, read_hf_config
-from jaxsft.stepspec import StepSpec, data_bounds, step_line
+from jaxsft.stepspec import StepSpec, eval_spec, step_line
 from jaxsft.monitor import MetricsLog, atomic_write_text, info, memory_estimate, summary_lines
-
-# Small files of a Hugging Face directory that the run keeps a copy of, so export never needs the source.
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
-                 "vocab.json", "merges.txt", "added_tokens.json")
-
 
 def decay_mask(params: Any, decay_all: bool = False) -> Any:
     """True for the parameters weight decay applies to: projection kernels (the output head
@@ -77,23 +71,6 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
     mask = None if params is None else decay_mask(params, cfg.decay_norms_biases_embeddings)
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask))
     return optax.chain(*parts), schedule
-
-
-def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict, spec: StepSpec = StepSpec(), frozen: Any = None,
-              dropout_key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """`(loss_sum, (trained_tokens, correct))` of the model on one batch-contract batch, as `spec`
-    shapes it (see `jaxsft.stepspec.StepSpec`, and `jaxsft.loss.cross_entropy_sums` for the chunking).
-
-    With LoRA, `params` are the adapters and `frozen` the base they join (see `jaxsft.lora`);
-    `dropout_key` drives the adapters' dropout."""
-    model = nnx.merge(graphdef, params if frozen is None else lora.combine(frozen, params))
-    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 max_segment_len=spec.max_segment_len, attention_backend=spec.attention,
-                                 dropout_key=dropout_key)
-    loss_sum, n, correct = cross_entropy_sums(hidden, model.head_kernel(), batch["targets"], batch["loss_mask"],
-                                              chunk=spec.loss_chunk, softcap=model.logit_softcap,
-                                              whole_bytes=spec.loss_whole_mib * 2**20, row_trained=spec.row_trained)
-    return loss_sum, (n, correct)
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params: Any, mesh) -> Any:
@@ -224,14 +201,7 @@ def make_train_step(graphdef, tx, schedule, mesh, state_shardings, spec: StepSpe
     return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def batch_bounds(batches: list[dict]) -> tuple[int, int]:
-    """`(longest example, most trained targets of a row)` over these local batches (held-out
-    rows), the same on every process."""
-    longest = parallel.global_max(longest_segment([b["segment_ids"] for b in batches]))
-    return longest, parallel.global_max(most_trained([b["loss_mask"] for b in batches]))
-
-
-def check_batch_bounds(step: int, local: dict, max_segment_len: int, most: int) -> None:
+def check_batch_bounds(step: int, local: dict, max_segment_len: int, max_trained: int) -> None:
     """Raises DataError (a bug in jaxsft) where the batch of `step` breaks a bound its compiled step
     relies on: the longest example and the most trained targets of a row the prepared data reported."""
     longest = longest_segment(local["segment_ids"])
@@ -239,8 +209,8 @@ def check_batch_bounds(step: int, local: dict, max_segment_len: int, most: int) 
         raise DataError(f"step {step}: a packed row holds an example of {longest} tokens, longer than the longest "
                         f"({max_segment_len}) that the prepared data reported; this is a bug in jaxsft")
     trained = most_trained(local["loss_mask"])
-    if trained > most:
-        raise DataError(f"step {step}: a packed row holds {trained} trained targets, more than the most ({most}) "
+    if trained > max_trained:
+        raise DataError(f"step {step}: a packed row holds {trained} trained targets, more than the most ({max_trained}) "
                         f"that the prepared data allows; this is a bug in jaxsft")
 
 
@@ -250,9 +220,10 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def _updated(step: int, metrics: dict, nonfinite: str) -> bool:
-    """Whether step `step` updated the parameters. A non-finite loss or gradient norm raises
-    `NonFiniteError` with `train.nonfinite: stop`, and is reported and skipped with `skip`."""
+def _check_nonfinite(step: int, metrics: dict, nonfinite: str) -> bool:
+    """Applies `train.nonfinite` to step `step`: a non-finite loss or gradient norm raises
+    `NonFiniteError` with `stop`, and is reported with `skip`. Returns whether the step updated
+    the parameters (False: skipped)."""
     if bool(metrics["finite"]):
         return True
     values = f"loss {float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}"
@@ -264,37 +235,6 @@ def _updated(step: int, metrics: dict, nonfinite: str) -> bool:
     return False
 
 
-def make_eval_step(graphdef, mesh, params_shardings, spec: StepSpec = StepSpec(), frozen_shardings: Any = None):
-    """The jitted `(params, batch) -> (loss_sum, trained_tokens, correct)` (training's held-out
-    loss and `jaxsft eval`'s completion loss); with `frozen_shardings` (LoRA),
-    `(adapters, batch, frozen) -> ...`."""
-    def step(params, batch, frozen=None):
-        with parallel.activation_sharding(mesh):
-            loss_sum, (n, correct) = loss_sums(graphdef, params, batch, spec, frozen)
-            return loss_sum, n, correct
-    in_shardings = (params_shardings, parallel.batch_sharding(mesh))
-    if frozen_shardings is not None:
-        in_shardings += (frozen_shardings,)
-    return jax.jit(step, in_shardings=in_shardings)
-
-
-def eval_spec(cfg: Config, mesh, batches: list[dict]) -> StepSpec:
-    """The eval step's spec for these held-out (local) batches: their own bounds."""
-    longest, most = batch_bounds(batches)
-    seq_len = batches[0]["loss_mask"].shape[-1] if batches else cfg.data.seq_len
-    return dataclasses.replace(StepSpec.of(cfg, mesh.devices.flat[0].platform, longest, most, seq_len), grad_accum=1)
-
-
-def evaluate(eval_step, params, batches: list[dict], *frozen) -> float:
-    """Completion loss over the held-out (global, on-device) batches: sum over trained tokens / their
-    count (`frozen`: LoRA's base, for an eval step made with `frozen_shardings`)."""
-    total, count = 0.0, 0.0
-    for batch in batches:
-        s, n, _ = eval_step(params, batch, *frozen)
-        total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
-
-
 def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     """Writes `config.yaml` and the `hf/` side files; each file is replaced whole (never half-written)."""
     if jax.process_index() != 0:
@@ -303,7 +243,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     atomic_write_text(run_dir / "config.yaml", config_yaml(cfg))
     hf_copy = run_dir / "hf"
     hf_copy.mkdir(exist_ok=True)
-    for name in HF_SIDE_FILES:
+    for name in rundir.HF_SIDE_FILES:
         src = Path(cfg.model.path) / name
         if src.is_file():
             tmp = hf_copy / f".{name}.tmp-{os.getpid()}"
@@ -313,17 +253,6 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-
-
-def make_checked_mesh(cfg: Config, devices: list | None = None):
-    """`(mesh, data-parallel size)`, with a clear error when the global batch does not split evenly."""
-    mesh = parallel.make_mesh(cfg.mesh, devices)
-    dp = parallel.data_parallel_size(mesh)
-    if cfg.train.batch_size % (dp * cfg.train.grad_accum):
-        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
-                          f"data-parallel size mesh.data x mesh.fsdp ({dp}) times train.grad_accum "
-                          f"({cfg.train.grad_accum})")
-    return mesh, dp
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
@@ -379,51 +308,6 @@ def check_same_model(ckpt: Checkpointer, step: int, params: Any, cfg: Config, ru
                      f"model.path ({cfg.model.path}): {detail}. Use a new run.dir, or the model it was trained from.")
 
 
-def dry_run(cfg: Config, devices: list | None = None, compile_step: bool = True) -> list[str]:
-    """What `train` would run, without loading weights or writing anything: the resolved config,
-    parameter count, mesh, shardings of the largest parameters and memory per device (the estimate
-    from the shardings; with `compile_step`, also the step `train` compiles, for this host's
-    devices on abstract inputs, with the data's bounds when `data.train` is at hand)."""
-    from jaxsft import aot
-    from jaxsft.monitor import memory_line, shard_bytes
-
-    hf, args = check_model(cfg)
-    mesh, dp = make_checked_mesh(cfg, devices)
-    _, _, state, _, _, frozen = aot.abstract_state(args, cfg, mesh)
-    params = state["params"]
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    n_params = lora.count(params) + (lora.count(frozen) if frozen is not None else 0)
-    memory = memory_estimate(params, state["opt_state"], args, cfg.train.batch_size // (dp * cfg.train.grad_accum),
-                             cfg.data.seq_len, jnp.dtype(DTYPES[cfg.model.compute_dtype]).itemsize, cfg.model.remat)
-    lines = ["config (resolved):"] + ["  " + x for x in config_yaml(cfg).splitlines()]
-    lines += [f"model: {hf.get('model_type', '?')}, {n_params:,} parameters ({cfg.model.param_dtype}), "
-              f"{args.num_layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}",
-              f"mesh: {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices | global batch "
-              f"{cfg.train.batch_size} x {cfg.data.seq_len}, {cfg.train.batch_size // dp} rows per data-parallel "
-              f"rank, grad_accum {cfg.train.grad_accum}",
-              "largest parameters (global shape -> partition spec -> per-device shard):"]
-    for path, x in sorted(leaves, key=lambda kv: -kv[1].size)[:5]:
-        lines.append(f"  {jax.tree_util.keystr(path)}  {list(x.shape)} -> {x.sharding.spec} -> "
-                     f"{list(x.sharding.shard_shape(x.shape))} ({shard_bytes(x) / 2**20:,.2f} MiB)")
-    lines += parallel.check_unsplit(nnx.state(abstract_model(args)), mesh, cfg.mesh.strict)
-    lines.append(f"memory estimate: {memory_line(memory)}")
-    if frozen is not None:
-        lines.append(lora.summary_line(state["params"], frozen, cfg.lora))
-    if compile_step:
-        longest, most, how = data_bounds(cfg)
-        spec = StepSpec.of(cfg, mesh.devices.flat[0].platform, longest, most)
-        lines.append(f"step bounds: {how}")
-        try:
-            step = aot.compile_train_step(args, cfg, mesh, spec)
-            lines.append(step.line)
-            if frozen is not None:
-                lines.append(lora.memory_line(step.params, step.frozen, step.opt_state, step.memory(), cfg.lora))
-        except Exception as e:  # noqa: BLE001 - the estimate above stands; say why there is no compiled number
-            lines.append(f"compiled step: not available ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})")
-    lines.append(f"run dir: {cfg.run.dir} (not created: dry run)")
-    return lines
-
-
 def _plot(run_dir: Path) -> None:
     """Draws the run's curves; a failure to draw is reported, never fatal to the run."""
     from jaxsft.plot import plot_run
@@ -467,12 +351,10 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
     if jax.process_index() == 0:
         check_run_dir_writable(run_dir)
         run.enter_context(rundir.RunLock(run_dir))  # before the checkpointer cleans up, or anything is written
-    mesh, dp = make_checked_mesh(cfg, devices)
+    mesh, dp = parallel.checked_mesh(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum, devices)
     for line in parallel.check_unsplit(nnx.state(abstract_model(model_args(hf_config, cfg))), mesh, cfg.mesh.strict):
         info(line)
-    if cfg.train.batch_size % jax.process_count():
-        raise ConfigError(f"config key 'train.batch_size' must be divisible by the process count {jax.process_count()}")
-    local_batch = cfg.train.batch_size // jax.process_count()
+    local_batch = process_batch(cfg.train.batch_size, jax.process_count())
     tokenizer = load_tokenizer(cfg.model.path)
 
     frozen = None  # LoRA: the frozen base; the state's params are then the adapters
@@ -505,8 +387,8 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
     # keys further back, the loss reads only that many positions per row (the same compiled step
     # everywhere), and each batch is checked against both before its step.
     max_segment_len = parallel.global_max(data_iter.longest)
-    most = parallel.global_max(data_iter.most_trained)
-    spec = StepSpec.of(cfg, mesh.devices.flat[0].platform, max_segment_len, most)
+    max_trained = parallel.global_max(data_iter.most_trained)
+    spec = StepSpec.of(cfg, mesh.devices.flat[0].platform, max_segment_len, max_trained)
     if frozen is not None:  # before anything is restored: a resume must find the base its adapters know
         lora.check_base(run_dir, cfg, resuming=bool(start))
     if start:
@@ -564,7 +446,7 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
         # Put on the devices once: the same held-out batches serve every evaluation.
         eval_data = [parallel.global_batch(b, mesh) for b in eval_data]
         if start == 0:
-            log.write({"step": 0, "eval_loss": evaluate(eval_fn, state["params"], eval_data, *base_args)}
+            log.write({"step": 0, "eval_loss": held_out_loss(eval_fn, state["params"], eval_data, *base_args)}
                       | (generation_metrics() if generate_fn else {}))
 
     last: dict = {}
@@ -575,14 +457,14 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
         with preemption.armed(ckpt):
             for step in range(start, cfg.train.steps):
                 local = next(data_iter)
-                check_batch_bounds(step + 1, local, max_segment_len, most)
+                check_batch_bounds(step + 1, local, max_segment_len, max_trained)
                 state, metrics = step_fn(state, parallel.global_batch(local, mesh), *base_args)
                 steps_since += 1
                 done = step + 1
                 is_last = done == cfg.train.steps
                 # The previous step is done (or nearly) by now: checking it does not stall the one just started.
                 if unchecked is not None:
-                    skipped += not _updated(*unchecked, cfg.train.nonfinite)
+                    skipped += not _check_nonfinite(*unchecked, cfg.train.nonfinite)
                 unchecked = (done, metrics)
                 preempted = preemption.reached(done)
                 log_now = done % cfg.train.log_every == 0 or is_last
@@ -594,7 +476,7 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
                 # is logged; before a save, wait for the one in flight to know.
                 ckpt.check(wait=save_now)
                 if log_now or save_now:
-                    skipped += not _updated(done, metrics, cfg.train.nonfinite)
+                    skipped += not _check_nonfinite(done, metrics, cfg.train.nonfinite)
                     unchecked = None
                 record = None
                 if log_now:
@@ -609,7 +491,7 @@ def _train(cfg: Config, devices: list | None, force_resume: bool, preemption: Pr
                     if skipped:
                         record["skipped_steps"] = skipped
                 if eval_now:
-                    record = (record or {"step": done}) | {"eval_loss": evaluate(eval_fn, state["params"], eval_data, *base_args)}
+                    record = (record or {"step": done}) | {"eval_loss": held_out_loss(eval_fn, state["params"], eval_data, *base_args)}
                 if generate_now:
                     record = (record or {"step": done}) | generation_metrics()
                 if record is not None:

@@ -420,7 +420,7 @@ def _tokens_of(prepared) -> set[tuple]:
 
 def test_two_process_shards_are_disjoint_and_cover(chat_tok):
     cfg = _cfg()
-    shards = [prepare_train(cfg, chat_tok, seed=0, process_index=i, process_count=2) for i in (0, 1)]
+    shards = [prepare_train(cfg, chat_tok, seed=0, shard=i, shards=2) for i in (0, 1)]
     wheres = [[s.where(i) for s in p.stores for i in range(len(s))] for p in shards]
     all_lines = [f"{DEMO_TRAIN}:{n}" for n in range(1, 2001)]
     assert len(wheres[0]) == len(wheres[1]) == 1000
@@ -492,7 +492,7 @@ def test_nothing_left_to_train_is_an_error(chat_tok, tmp_path):
     with pytest.raises(DataError, match=r"d\.jsonl.*no example left to train on in data shard 0 of 1 \(1 dropped"):
         prepare_train(_cfg(train=(str(path),), seq_len=8, overlong="drop"), chat_tok, seed=0)
     with pytest.raises(DataError, match="no example left to train on in data shard 1 of 2"):
-        prepare_train(_cfg(train=(str(path),)), chat_tok, seed=0, process_index=1, process_count=2)
+        prepare_train(_cfg(train=(str(path),)), chat_tok, seed=0, shard=1, shards=2)
 
 
 def test_packing_bound_and_a_plan_that_reaches_it():

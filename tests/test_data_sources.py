@@ -12,7 +12,7 @@ from conftest import DEMO_TRAIN, demo_texts
 from make_tiny_model import train_tokenizer
 from jaxsft.config import DataConfig, FieldsConfig, load_config
 from jaxsft.data.pack import BATCH_KEYS
-from jaxsft.data.pipeline import batches, prepare_train, sources
+from jaxsft.data.pipeline import batches, prepare_train, record_sources
 from jaxsft.data.render import Renderer
 from jaxsft.data.sources import JsonlSource, open_source
 from jaxsft.errors import ConfigError, DataError
@@ -174,7 +174,7 @@ def test_weighted_mixture_proportions_and_shards(tmp_path, tok):
     a = _write_jsonl(tmp_path / "a.jsonl", RECORDS[:40])
     b = _write_jsonl(tmp_path / "b.jsonl", [{"text": f"Plain text number {i} for the mixture."} for i in range(20)])
     cfg = DataConfig(train=(a, b), weights=(3.0, 1.0), seq_len=256, packing_bins=8)
-    assert len(sources(cfg)) == 2
+    assert len(record_sources(cfg)) == 2
     p = prepare_train(cfg, tok, seed=0)
     from_b = {tuple(p.stores[1][i]["tokens"].tolist()) for i in range(len(p.stores[1]))}
     counts = np.zeros(2)
@@ -188,7 +188,7 @@ def test_weighted_mixture_proportions_and_shards(tmp_path, tok):
     # 3:1 in expectation; the smaller source repeats more often (the mixture is by example, not by epoch)
     assert 0.68 < counts[0] / counts.sum() < 0.82, counts
     # each process takes its share of each source
-    shares = [prepare_train(cfg, tok, seed=0, process_index=i, process_count=2) for i in (0, 1)]
+    shares = [prepare_train(cfg, tok, seed=0, shard=i, shards=2) for i in (0, 1)]
     assert [len(s) for s in shares[0].stores] == [20, 10] and [len(s) for s in shares[1].stores] == [20, 10]
     assert not {shares[0].stores[0].where(i) for i in range(20)} & {shares[1].stores[0].where(i) for i in range(20)}
     assert set(BATCH_KEYS) == set(batch)

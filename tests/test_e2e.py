@@ -23,7 +23,7 @@ from flax import nnx
 from conftest import DEMO_EVAL, DEMO_TRAIN, ROOT
 from jaxsft import cli
 from jaxsft.checkpoint import Checkpointer
-from jaxsft.export import load_checkpoint
+from jaxsft.runmodel import load_checkpoint
 from jaxsft.models import abstract_model
 
 STEPS, EVERY = 12, 2

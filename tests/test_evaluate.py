@@ -31,7 +31,7 @@ from jaxsft.evaluate import completion_loss, json_fields, json_valid, metric_fun
 from jaxsft.generate import load_model
 from jaxsft.models import from_pretrained
 from jaxsft.parallel import make_mesh
-from jaxsft.train import HF_SIDE_FILES
+from jaxsft.rundir import HF_SIDE_FILES
 
 
 def length_ratio(prediction: str, reference: str) -> float:

@@ -16,11 +16,12 @@ from flax import nnx
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from jaxsft import cli, export as export_module
+from jaxsft import cli, hfwrite
 from jaxsft.checkpoint import Checkpointer
 from jaxsft.config import load_config, to_dict
 from jaxsft.errors import JaxsftError
-from jaxsft.export import INDEX, export, parse_size
+from jaxsft.export import export
+from jaxsft.hfwrite import INDEX, parse_size
 from jaxsft.models import from_pretrained
 from jaxsft.train import _prepare_run_dir
 from test_families import FAMILIES, VOCAB, build_hf
@@ -117,7 +118,7 @@ def test_bfloat16_export(tmp_path, tiny_llama, tiny_run):
 
 def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path, tiny_run, monkeypatch):
     out = tmp_path / "out"
-    real, written = export_module._write_tensor, []
+    real, written = hfwrite._write_tensor, []
 
     def write_then_die(f, value):
         if len(written) == 5:
@@ -125,13 +126,13 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path, tiny_ru
         written.append(1)
         real(f, value)
 
-    monkeypatch.setattr(export_module, "_write_tensor", write_then_die)
+    monkeypatch.setattr(hfwrite, "_write_tensor", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         export(tiny_run, out)
     assert not out.exists() and list(tmp_path.iterdir()) == []  # the partial directory is gone too
 
     # A SIGKILLed export cannot clean up: its `.out.partial-PID` stays until the next export to `out`.
-    monkeypatch.setattr(export_module, "_write_tensor", real)
+    monkeypatch.setattr(hfwrite, "_write_tensor", real)
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = tmp_path / f".out.partial-{dead.pid}"

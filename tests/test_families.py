@@ -22,7 +22,7 @@ from flax import nnx
 from jaxsft.models import from_pretrained
 from jaxsft.models.hf_io import iter_hf_tensors
 from jaxsft.stepspec import StepSpec
-from jaxsft.train import loss_sums
+from jaxsft.loss import loss_sums
 
 VOCAB, SEQ = 160, 20
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,

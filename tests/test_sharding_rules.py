@@ -16,7 +16,8 @@ from jaxsft import parallel
 from jaxsft.config import MeshConfig, config_yaml, load_config
 from jaxsft.errors import ConfigError
 from jaxsft.models import abstract_model, read_hf_config
-from jaxsft.train import dry_run, model_args, train
+from jaxsft.aot import dry_run
+from jaxsft.train import model_args, train
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -85,7 +85,7 @@ def test_dry_run_compiles_the_program_training_runs(tmp_path, tiny_llama, capsys
     hash of the lowered StableHLO) and the same memory statistics."""
     import re
 
-    from jaxsft.train import dry_run
+    from jaxsft.aot import dry_run
 
     devices = jax.devices()[:1] if mesh == ["mesh.fsdp=1"] else jax.devices()
     overrides = [f"model.path={tiny_llama}", f"data.train={DEMO_TRAIN}", "data.seq_len=128", "train.steps=1",

@@ -209,7 +209,7 @@ def test_uneven_micro_batches_are_not_a_mean_of_means(tiny_llama, vocab):
     # The test can fail for the right reason: the mean of the two micro-batch means is a
     # different loss by far more than the tolerance.
     from jaxsft.models import from_pretrained
-    from jaxsft.train import loss_sums
+    from jaxsft.loss import loss_sums
     from flax import nnx
     graphdef, params = nnx.split(from_pretrained(str(tiny_llama), "float32"))
     params = nnx.to_pure_dict(params)

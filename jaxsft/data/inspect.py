@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxsft.config import Config
 from jaxsft.data.pack import packing_bound
-from jaxsft.data.pipeline import prepare_train, sources
+from jaxsft.data.pipeline import prepare_train, record_sources
 from jaxsft.data.prepare import DataStats
 from jaxsft.data.render import EMPTY, Renderer, load_tokenizer, nothing_to_train
 from jaxsft.errors import ConfigError
@@ -111,7 +111,7 @@ def dump_json(cfg: Config, n: int, out: TextIO | None = None) -> int:
     tokenizer = _tokenizer(cfg)
     renderer = Renderer(tokenizer, cfg.data)
     printed = 0
-    for source in sources(cfg.data):
+    for source in record_sources(cfg.data):
         for index in range(len(source)):
             if printed >= n:
                 return printed

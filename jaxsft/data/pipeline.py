@@ -35,7 +35,7 @@ from jaxsft.errors import ConfigError, DataError
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
-def sources(cfg: DataConfig, key: str = "data.train") -> list[ConcatSource]:
+def record_sources(cfg: DataConfig, key: str = "data.train") -> list[ConcatSource]:
     """The record sources: one per `data.train` entry for a weighted mixture, else one over all files."""
     specs = cfg.train if key == "data.train" else cfg.eval
     if key == "data.train" and cfg.weights:
@@ -70,18 +70,17 @@ def epoch_packing(prepared: Prepared, cfg: DataConfig, seed: int) -> tuple[float
     return packing_efficiency([int(lengths[i]) for i in range(n)], cfg.seq_len, cfg.packing_bins)
 
 
-def prepare_train(cfg: DataConfig, tokenizer, *, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> Prepared:
-    """The training examples of shard `process_index` of `process_count` (every `process_count`-th
-    record of each source), rendered, checked and counted, with the epoch's packing."""
-    components = sources(cfg)
-    prepared = prepare(cfg, tokenizer, components, process_index=process_index, process_count=process_count)
+def prepare_train(cfg: DataConfig, tokenizer, *, seed: int, shard: int = 0, shards: int = 1) -> Prepared:
+    """The training examples of data shard `shard` of `shards` (every `shards`-th record of each
+    source, from the `shard`-th), rendered, checked and counted, with the epoch's packing."""
+    components = record_sources(cfg)
+    prepared = prepare(cfg, tokenizer, components, shard=shard, shards=shards)
     for source, store in zip(components, prepared.stores):
         if not len(store):
             s = prepared.stats
             hint = "; data.overlong=truncate_prompt cuts prompts to fit" if s.overlong and cfg.overlong != \
                 "truncate_prompt" else ""
-            raise DataError(f"{source}: no example left to train on in data shard {process_index} of {process_count} "
+            raise DataError(f"{source}: no example left to train on in data shard {shard} of {shards} "
                             f"({s.overlong:,} dropped as too long, {s.empty:,} with nothing to train; see "
                             f"data.seq_len, data.overlong, data.empty{hint})")
     prepared.stats.efficiency, prepared.stats.rows = epoch_packing(prepared, cfg, seed)
@@ -106,13 +105,20 @@ def row_plan(global_batch: int, shards: int, process_index: int = 0, process_cou
             for s in range(lo // per_shard, (hi - 1) // per_shard + 1)]
 
 
+def process_batch(global_batch: int, process_count: int) -> int:
+    """The rows of a global batch each process supplies, with a clear error when the processes
+    cannot split it evenly."""
+    if global_batch % process_count:
+        raise ConfigError(f"config key 'train.batch_size' ({global_batch}) must be divisible by the process count "
+                          f"({process_count})")
+    return global_batch // process_count
+
+
 def check_shards(shards: int, global_batch: int, process_count: int) -> None:
     """A clear error when the global batch cannot be split evenly by shards and processes."""
     if shards < 1 or global_batch % shards:
         raise ConfigError(f"config key 'data.shards' ({shards}) must divide 'train.batch_size' ({global_batch})")
-    if global_batch % process_count:
-        raise ConfigError(f"config key 'train.batch_size' ({global_batch}) must be divisible by the process count "
-                        f"({process_count})")
+    process_batch(global_batch, process_count)
 
 
 class ShardedBatches:
@@ -163,7 +169,7 @@ def train_batches(cfg: DataConfig, tokenizer, *, seed: int, global_batch: int, s
     per_shard = global_batch // shards
     iterators, longest, most_trained = {}, 0, 0
     for s, _, _ in plan:
-        prepared = prepare_train(cfg, tokenizer, seed=seed, process_index=s, process_count=shards)
+        prepared = prepare_train(cfg, tokenizer, seed=seed, shard=s, shards=shards)
         for store in prepared.stores:
             lengths = store.lengths()
             longest = max(longest, int(lengths.max(initial=0)))
@@ -194,14 +200,16 @@ def _report(prepared: Prepared, cfg: DataConfig, epoch: str = "", name: str = "d
 
 
 def eval_batches(cfg: DataConfig, tokenizer, *, local_batch: int, process_index: int = 0,
-                 process_count: int = 1, max_batches: int = 0, report: bool = True) -> list[dict]:
+                 process_count: int = 1, max_batches: int = 0, report: bool = True,
+                 records: Sequence[dict] | None = None) -> list[dict]:
     """This process's rows of the held-out set, packed in order into global batches of
     `local_batch * process_count` rows; the last is padded with empty rows.
 
     Every process renders the whole (small) held-out set, so the batches and the loss do not
     depend on the process count. With `report`, logs the counts and packing as for training data.
+    `records` (each with its `_where`, as sources give them) replaces the files of `data.eval`.
     """
-    prepared = prepare(cfg, tokenizer, sources(cfg, "data.eval"))
+    prepared = prepare(cfg, tokenizer, [records] if records is not None else record_sources(cfg, "data.eval"))
     rows = pack_list([ex for store in prepared.stores for ex in (store[i] for i in range(len(store)))], cfg.seq_len)
     if report:
         prepared.stats.rows = len(rows)

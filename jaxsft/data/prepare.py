@@ -1,6 +1,6 @@
 """Render every record once, before training: checks, counts, and the tokens held in memory.
 
-`prepare` reads a process's share of each source, renders and masks every record, applies the
+`prepare` reads one data shard of each source, renders and masks every record, applies the
 length and empty-example policies, and keeps the surviving examples as flat token and mask arrays
 (5 bytes a token). A bad record therefore stops the run before its first step, with its file and
 line; the counts people need (kept, truncated, dropped, trained tokens) are exact, not estimated;
@@ -106,28 +106,28 @@ class Prepared:
     stats: DataStats
 
 
-def prepare(cfg: DataConfig, tokenizer, components: Sequence, *, process_index: int = 0,
-            process_count: int = 1) -> Prepared:
-    """Renders every record of this process's share of each source (see the module docstring)."""
+def prepare(cfg: DataConfig, tokenizer, components: Sequence, *, shard: int = 0, shards: int = 1) -> Prepared:
+    """Renders every record of data shard `shard` of `shards` of each source (see the module docstring)."""
     renderer = Renderer(tokenizer, cfg)
     stats = DataStats(policy=cfg.overlong)
     stores = []
     for source in components:
         pieces = []
-        # This process's share: every `process_count`-th record, from `process_index`, rendered in
-        # chunks (tokenizing many texts in one call is several times faster than one by one).
-        share = range(process_index, len(source), process_count)
+        # The shard's records: every `shards`-th, from the `shard`-th, rendered in chunks
+        # (tokenizing many texts in one call is several times faster than one by one).
+        share = range(shard, len(source), shards)
         for c in range(0, len(share), RENDER_CHUNK):
             records = [source[i] for i in share[c:c + RENDER_CHUNK]]
             for record, (ids, mask) in zip(records, renderer.render_many(records)):
-                _count(record, renderer.fit(record, ids, mask), len(ids), cfg, stats, pieces)
+                _count_and_keep(record, renderer.fit(record, ids, mask), len(ids), cfg, stats, pieces)
         stores.append(ExampleStore.build(pieces))
     return Prepared(stores, stats)
 
 
-def _count(record: dict, fitted: tuple, length: int, cfg: DataConfig, stats: DataStats, pieces: list) -> None:
-    """Counts one rendered record of `length` ids after the length policy (`fitted`: `Renderer.fit`),
-    applies the empty policy, keeps what survives."""
+def _count_and_keep(record: dict, fitted: tuple, length: int, cfg: DataConfig, stats: DataStats,
+                    pieces: list) -> None:
+    """Counts one rendered record of `length` ids in `stats` after the length policy (`fitted`:
+    `Renderer.fit`), applies the empty policy, and appends what survives to `pieces`."""
     kept_ids, kept_mask, status = fitted
     stats.records += 1
     stats.lengths.append(length - 1)

@@ -20,7 +20,7 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -116,9 +116,20 @@ class JsonlSource:
 
 
 class _RowSource:
-    """A source of table rows (Parquet, Arrow): `_row(index)` gives the record, named `PATH row N`."""
+    """A source of table rows (Parquet, Arrow) held as `_rows`: `_row(index)` gives the record,
+    named `PATH row N`."""
 
     path: Path
+    _rows: Any
+
+    def _hold(self, rows: Any, what: str) -> None:
+        """Keeps the opened table or dataset `rows`; an error naming the file when it holds none."""
+        if not len(rows):
+            raise DataError(f"{self.path}: the {what} holds no records")
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
     def where(self, index: int) -> str:
         """`PATH row N` of record `index` (rows count from 0)."""
@@ -138,17 +149,13 @@ class ParquetSource(_RowSource):
 
         self.path = Path(path)
         try:
-            self._table = pq.read_table(self.path)
+            table = pq.read_table(self.path)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
             raise DataError(f"{self.path}: not a readable Parquet file ({e})") from None
-        if not len(self._table):
-            raise DataError(f"{self.path}: the file holds no records")
-
-    def __len__(self) -> int:
-        return len(self._table)
+        self._hold(table, "file")
 
     def _row(self, index: int) -> dict:
-        return self._table.slice(index, 1).to_pylist()[0]
+        return self._rows.slice(index, 1).to_pylist()[0]
 
 
 class HfDiskSource(_RowSource):
@@ -163,17 +170,13 @@ class HfDiskSource(_RowSource):
             raise DataError(f"{self.path}: a DatasetDict with splits {', '.join(splits)}; name one split's "
                             f"directory, e.g. {self.path / (splits[0] if splits else 'train')}")
         try:
-            self._ds = datasets.load_from_disk(str(self.path))
+            ds = datasets.load_from_disk(str(self.path))
         except Exception as e:  # noqa: BLE001 - datasets raises several types for unreadable directories
             raise DataError(f"{self.path}: not a Hugging Face dataset saved with save_to_disk ({e})") from None
-        if not len(self._ds):
-            raise DataError(f"{self.path}: the dataset holds no records")
-
-    def __len__(self) -> int:
-        return len(self._ds)
+        self._hold(ds, "dataset")
 
     def _row(self, index: int) -> dict:
-        return dict(self._ds[int(index)])
+        return dict(self._rows[int(index)])
 
 
 def _open_file(path: Path):
