@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     model_dir = Path(a.model)
-    if not (model_dir / "model.safetensors").is_file():  # as tools/demo.sh builds it
+    if not (model_dir / "model.safetensors").is_file():  # the tiny model of tools/make_tiny_model.py
         sys.path.insert(0, str(ROOT / "tools"))
         from make_tiny_model import build_tiny_llama, read_jsonl_texts
 
