@@ -124,7 +124,7 @@ def build_run(run_dir: Path, source: Path) -> Path:
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "jaxsft.cli", "train", str(ROOT / "configs" / "demo.yaml"), f"model.path={source}",
-           f"data.train=[{DATA}]", "data.eval=[]", "data.seq_len=64", "train.batch_size=1", "train.steps=1",
+           f"data.train=[{DATA}]", "data.eval=[]", "data.seq_len=256", "train.batch_size=1", "train.steps=1",
            "mesh.fsdp=1", "optimizer.lr=0.0", "optimizer.warmup_steps=0", "optimizer.schedule=constant",
            "checkpoint.every=1", f"run.dir={run_dir}", "run.export="]
     r = measure(cmd, run_dir.parent / "train.log")
