@@ -218,7 +218,6 @@ def _gib(n: float) -> str:
 def compile_report(cfg: Config, topology: str) -> tuple[list[str], bool]:
     """Compiles the run's train step for a TPU topology from this host; returns report lines and
     whether the step fits in HBM. Raises `ConfigError` when the TPU compiler finds it does not fit."""
-
     devices, generation, chips = topology_devices(topology)
     chip = TPU_CHIPS[generation]
     mesh, _ = parallel.checked_mesh(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum, devices)
