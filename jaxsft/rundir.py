@@ -255,12 +255,12 @@ def checkpoint_source(source: str | Path) -> tuple[Path, int]:
     """`(run_dir, step)` of a run directory (its newest complete checkpoint) or a checkpoint
     directory; an error naming `source` for anything else."""
     found = run_source(source)
-    if found is not None and found[1] is None and (found[0] / "checkpoints").is_dir():
-        step = done_step(found[0])
+    if found is None or (found[1] is None and not (found[0] / "checkpoints").is_dir()):
+        raise JaxsftError(f"{source}: neither a run directory (config.yaml + checkpoints/), a checkpoint "
+                          f"directory (RUN_DIR/checkpoints/STEP) nor a Hugging Face directory (config.json)")
+    run_dir, step = found
+    if step is None:
+        step = done_step(run_dir)
         if not step:
             raise JaxsftError(f"{source}: the run directory holds no complete checkpoint yet")
-        return found[0], step
-    if found is not None and found[1] is not None:
-        return found
-    raise JaxsftError(f"{source}: neither a run directory (config.yaml + checkpoints/), a checkpoint "
-                      f"directory (RUN_DIR/checkpoints/STEP) nor a Hugging Face directory (config.json)")
+    return run_dir, step
